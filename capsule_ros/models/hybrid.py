@@ -1,0 +1,243 @@
+"""A transformers hybrid model bound to one live buffer set.
+
+Works for every family whose transformers cache is a ``StaticCache`` of ``StaticLayer`` (attention
+K/V), ``LinearAttentionLayer`` (conv + recurrent state, with Python-side ``has_previous_state``
+flags) or both in one layer. The binding:
+
+1. materialises every cache buffer with one dummy forward (transformers creates linear-layer
+   buffers lazily, with the dtype of the kernel's first output), and checks their dtypes;
+2. derives the state layout from those buffers;
+3. re-points the cache at views of the live state, so the model reads and writes our buffers in
+   place, and the capsule mechanism never needs to know what a cache is.
+
+The Python-side flags and the attention write position are metadata: ``read_meta`` and
+``write_meta`` move them in and out of capsules.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..capsule import BufferSpec, Fingerprint, Kind, LiveState, StateLayout
+from ..capsule.fingerprint import hash_files, hash_text
+from .registry import family_for
+
+try:  # transformers 5.x
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin, StaticCache, StaticLayer
+    from transformers.cache_utils import StaticSlidingWindowLayer
+except ImportError as e:  # pragma: no cover - pinned version has them
+    raise ImportError("capsule_ros needs transformers>=5.24 (StaticCache with linear-attention layers)") from e
+
+
+class ModelLoadError(Exception):
+    """The model could not be built or loaded; the message names what is missing or wrong."""
+
+
+@dataclass
+class ModelSpec:
+    """Where the model comes from: a shipped config built with a seed, or a local checkpoint."""
+
+    config_file: str | None = None   # JSON: {"model_type": ..., "config": {...}}
+    path: str | None = None          # checkpoint directory (config.json + *.safetensors)
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_len: int = 4096
+
+    def describe(self) -> str:
+        return f"checkpoint {self.path}" if self.path else f"seeded config {self.config_file} (seed {self.seed})"
+
+
+def _versions() -> str:
+    import transformers
+    return hash_text(f"torch={torch.__version__};transformers={transformers.__version__};capsule=1")
+
+
+def load_transformers_model(spec: ModelSpec) -> tuple[torch.nn.Module, str]:
+    """Build or load the causal LM. Returns (model, weights id for the fingerprint)."""
+    from transformers import AutoModelForCausalLM, CONFIG_MAPPING
+
+    dtype = getattr(torch, spec.dtype)
+    if spec.path:
+        root = Path(spec.path)
+        if not (root / "config.json").is_file():
+            raise ModelLoadError(f"checkpoint {root}: missing file config.json")
+        weights = sorted(root.glob("*.safetensors"))
+        if not weights:
+            raise ModelLoadError(f"checkpoint {root}: no *.safetensors weight file")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"checkpoint {root}: {e}") from e
+        weights_id = hash_files(weights)
+    elif spec.config_file:
+        path = Path(spec.config_file)
+        if not path.is_file():
+            raise ModelLoadError(f"model config file {path} not found")
+        doc = json.loads(path.read_text())
+        model_type = doc["model_type"]
+        family_for(model_type)  # refuses a family we have no descriptor for
+        config = CONFIG_MAPPING[model_type](**doc["config"])
+        # Seeded initialisation that leaves the caller's global RNG alone.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        weights_id = hash_text(json.dumps({"config": doc, "seed": spec.seed}, sort_keys=True))
+    else:
+        raise ModelLoadError("model: set either path (checkpoint directory) or config_file")
+    return model.to(spec.device).eval(), weights_id
+
+
+@dataclass
+class _Flag:
+    layer: int
+    state: int
+
+
+@dataclass
+class HybridModel:
+    """The model, its cache bound to the live state, and the metadata it needs to continue."""
+
+    model: torch.nn.Module
+    cache: Any
+    live: LiveState
+    fingerprint: Fingerprint
+    family: Any
+    spec: ModelSpec
+    position: int = 0
+    _flags: list[_Flag] = field(default_factory=list)
+    _attn_layers: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, spec: ModelSpec) -> "HybridModel":
+        model, weights_id = load_transformers_model(spec)
+        return cls.bind(model, spec, weights_id)
+
+    @classmethod
+    def bind(cls, model: torch.nn.Module, spec: ModelSpec, weights_id: str) -> "HybridModel":
+        config = model.config
+        family = family_for(config.model_type)
+        cache = StaticCache(config=config, max_cache_len=spec.max_len)
+        device = torch.device(spec.device)
+        dtype = getattr(torch, spec.dtype)
+        hidden = config.hidden_size
+        with torch.no_grad():
+            dummy = torch.zeros(1, 2, hidden, dtype=dtype, device=device)
+            model.model(inputs_embeds=dummy, cache=cache, use_cache=True,
+                        position_ids=torch.arange(2, device=device)[None])
+        specs, flags, attn = _derive_layout(cache, dtype, family)
+        layout = StateLayout(tuple(specs), spec.max_len)
+        live = LiveState(layout, device)
+        _point_cache_at(cache, live)
+        fp = Fingerprint(weights=weights_id, dtype=spec.dtype, layout=layout.digest(),
+                         device=_device_kind(device), versions=_versions())
+        bound = cls(model=model, cache=cache, live=live, fingerprint=fp, family=family, spec=spec,
+                    _flags=flags, _attn_layers=attn)
+        bound.write_meta(bound.empty_meta())
+        return bound
+
+    # -- metadata --------------------------------------------------------------------------
+    def empty_meta(self) -> dict[str, Any]:
+        return {"position": 0, "flags": [False] * len(self._flags)}
+
+    def read_meta(self) -> dict[str, Any]:
+        """Everything outside the buffers that the next step reads."""
+        flags = [bool(self.cache.layers[f.layer].has_previous_state[f.state]) for f in self._flags]
+        return {"position": self.position, "flags": flags}
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        flags = meta["flags"]
+        if len(flags) != len(self._flags):
+            raise ValueError(f"meta has {len(flags)} layer flags, model has {len(self._flags)}")
+        for f, value in zip(self._flags, flags):
+            self.cache.layers[f.layer].has_previous_state[f.state] = bool(value)
+        self.position = int(meta["position"])
+        for layer in self._attn_layers:
+            layer.cumulative_length.fill_(self.position)
+
+    # -- running ---------------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def max_len(self) -> int:
+        return self.live.layout.max_len
+
+    def token_embedding(self) -> torch.nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    @torch.no_grad()
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Append ``embeds`` [n, hidden] at the current position; return hidden states [n, hidden]."""
+        n = embeds.shape[0]
+        if self.position + n > self.max_len:
+            raise ValueError(f"append of {n} at {self.position} exceeds context {self.max_len}")
+        device = self.live.device
+        pos = torch.arange(self.position, self.position + n, device=device)[None]
+        out = self.model.model(inputs_embeds=embeds[None].to(device=device, dtype=self.model.dtype),
+                               cache=self.cache, use_cache=True, position_ids=pos)
+        self.position += n
+        return out.last_hidden_state[0]
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.family.logits(self.model, hidden)
+
+
+def _device_kind(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda:sm{major}{minor}"
+    return device.type
+
+
+def _derive_layout(cache: Any, dtype: torch.dtype, family: Any):
+    specs: list[BufferSpec] = []
+    flags: list[_Flag] = []
+    attn: list[Any] = []
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, StaticSlidingWindowLayer):
+            raise ModelLoadError(f"layer {i}: sliding-window attention cache is not supported yet")
+        if isinstance(layer, StaticLayer):
+            if not layer.is_initialized:
+                raise ModelLoadError(f"layer {i}: attention cache was not materialised")
+            for part, t in (("k", layer.keys), ("v", layer.values)):
+                _check_dtype(f"L{i}.{part}", t, dtype)
+                specs.append(BufferSpec(f"L{i}.{part}", Kind.KV, t.dtype, tuple(t.shape), seq_axis=2))
+            attn.append(layer)
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            for j in range(layer.number_of_states):
+                if layer.is_conv_states_initialized[j]:
+                    t = layer.conv_states[j]
+                    _check_dtype(f"L{i}.conv{j}", t, family.conv_dtype(dtype))
+                    specs.append(BufferSpec(f"L{i}.conv{j}", Kind.CONV, t.dtype, tuple(t.shape)))
+                if layer.is_recurrent_states_initialized[j]:
+                    t = layer.recurrent_states[j]
+                    _check_dtype(f"L{i}.rec{j}", t, family.recurrent_dtype(dtype))
+                    specs.append(BufferSpec(f"L{i}.rec{j}", Kind.RECURRENT, t.dtype, tuple(t.shape)))
+                flags.append(_Flag(i, j))
+    return specs, flags, attn
+
+
+def _check_dtype(name: str, t: torch.Tensor, expected: torch.dtype) -> None:
+    if t.dtype != expected:
+        raise ModelLoadError(f"cache buffer {name} materialised as {t.dtype}, expected {expected}")
+
+
+def _point_cache_at(cache: Any, live: LiveState) -> None:
+    """Make the cache read and write the live buffers (same addresses from now on)."""
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, StaticLayer):
+            layer.keys = live.view(f"L{i}.k")
+            layer.values = live.view(f"L{i}.v")
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            for j in range(layer.number_of_states):
+                if f"L{i}.conv{j}" in live.views:
+                    layer.conv_states[j] = live.view(f"L{i}.conv{j}")
+                if f"L{i}.rec{j}" in live.views:
+                    layer.recurrent_states[j] = live.view(f"L{i}.rec{j}")

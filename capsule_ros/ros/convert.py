@@ -1,0 +1,54 @@
+"""Pipeline outcomes <-> ROS messages. The only place that knows both sides' field names."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from builtin_interfaces.msg import Time
+
+from ..runtime.pipeline import Answer, Failure
+
+
+def import_type(type_name: str) -> Any:
+    """``sensor_msgs/msg/Image`` -> the rclpy message class."""
+    pkg, kind, name = type_name.split("/")
+    try:
+        return getattr(importlib.import_module(f"{pkg}.{kind}"), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"message type {type_name!r} is not available: {e}") from e
+
+
+def time_msg(ns: int) -> Time:
+    return Time(sec=int(ns // 1_000_000_000), nanosec=int(ns % 1_000_000_000))
+
+
+def to_action_chunk(answer: Answer, frame_id: str = "") -> Any:
+    from capsule_ros.msg import ActionChunk
+
+    msg = ActionChunk()
+    msg.header.stamp = time_msg(answer.stamp_ns)
+    msg.header.frame_id = frame_id
+    msg.stream = answer.stream
+    msg.request_id = answer.request_id
+    msg.boundary = answer.position
+    msg.stamp_is_receive_time = answer.stamp_is_receive_time
+    msg.horizon, msg.dof = (int(d) for d in answer.actions.shape)
+    msg.step_period = float(answer.step_period)
+    msg.values = answer.actions.astype("float32").ravel().tolist()
+    msg.restore_ms = float(answer.restore_ms)
+    msg.append_ms = float(answer.append_ms)
+    msg.act_ms = float(answer.act_ms)
+    msg.prev_commit_ms = float(answer.prev_commit_ms)
+    return msg
+
+
+def to_status(failure: Failure, stamp_ns: int) -> Any:
+    from capsule_ros.msg import Status
+
+    msg = Status()
+    msg.header.stamp = time_msg(stamp_ns)
+    msg.stream = failure.stream
+    msg.request_id = int(failure.request_id)
+    msg.code = int(failure.code)
+    msg.text = failure.text
+    return msg

@@ -1,0 +1,180 @@
+"""capsule_node: subscribes to the configured inputs, answers each trigger on ~/actions.
+
+Thin on purpose: parameters are declared from the params file, callbacks hand each message to
+the pipeline (capsule_ros.runtime.pipeline), and outcomes are converted to messages here. The
+node knows nothing of buffers or capsules beyond the verbs of the ``~/capsule`` service.
+
+Topics and services (relative to the node):
+  ~/actions  capsule_ros/msg/ActionChunk   one per answered query
+  ~/status   capsule_ros/msg/Status        bad input, refused restores, context policy, ...
+  ~/query    capsule_ros/msg/Query         explicit query on a stream (unknown stream -> Status)
+  ~/capsule  capsule_ros/srv/CapsuleOp     list, stats, rollback, reset, fork, pin, unpin, drop
+  /diagnostics diagnostic_msgs/DiagnosticArray, once a second
+"""
+from __future__ import annotations
+
+import array
+import json
+import statistics
+import sys
+from typing import Any
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.node import Node
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+from capsule_ros.msg import ActionChunk, Query, Status
+from capsule_ros.srv import CapsuleOp
+
+from ..capsule import CapsuleError
+from ..config import NODE_NAME, from_params
+from ..runtime.engine import stats as engine_stats
+from ..runtime.pipeline import Answer, Failure, Outcome, Pipeline
+from ..status_codes import CapsuleRosError, Code
+from .convert import import_type, to_action_chunk, to_status
+
+ANSWER_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE,
+                        history=HistoryPolicy.KEEP_LAST)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (array.array, tuple)) else value
+
+
+class CapsuleNode(Node):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(NODE_NAME, automatically_declare_parameters_from_overrides=True, **kwargs)
+        names = self.list_parameters([], 0).names
+        params = {n: _plain(self.get_parameter(n).value) for n in names if n != "use_sim_time"}
+        self.config = from_params(params)
+        self.pipeline = Pipeline.build(self.config)
+        self.get_logger().info(self.pipeline.describe())
+        if not self.pipeline.policy_weights_loaded:
+            self.get_logger().warning("encoder and head weights are seeded random: no "
+                                      "policy.safetensors was given, actions mean nothing")
+        self.errors: dict[str, int] = {name: 0 for name in self.config.streams}
+        self.actions_pub = self.create_publisher(ActionChunk, "~/actions", ANSWER_QOS)
+        self.status_pub = self.create_publisher(Status, "~/status", ANSWER_QOS)
+        # Context inputs subscribe before triggers: rclpy's executor serves ready subscriptions
+        # in creation order, so a context message that arrived with a trigger is taken first.
+        triggers = {s.trigger for s in self.config.streams.values()}
+        ordered = sorted(self.config.inputs.values(), key=lambda i: i.name in triggers)
+        self._subs = [self._subscribe(spec) for spec in ordered]
+        self.create_subscription(Query, "~/query", self._on_query, ANSWER_QOS)
+        self.create_service(CapsuleOp, "~/capsule", self._on_capsule_op)
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_timer(1.0, self._publish_diagnostics)
+
+    def _subscribe(self, spec) -> Any:
+        msg_type = import_type(spec.type)
+        reliability = spec.encoder.get("reliability", "reliable")
+        qos = QoSProfile(depth=spec.qos_depth, history=HistoryPolicy.KEEP_LAST,
+                         reliability=ReliabilityPolicy.BEST_EFFORT if reliability == "best_effort"
+                         else ReliabilityPolicy.RELIABLE)
+        return self.create_subscription(
+            msg_type, spec.topic, lambda msg, name=spec.name: self._on_input(name, msg), qos)
+
+    # -- callbacks: hand on to the pipeline ---------------------------------------------------
+    def _now_ns(self) -> int:
+        return self.get_clock().now().nanoseconds
+
+    def _on_input(self, input_name: str, msg: Any) -> None:
+        self.pipeline.on_message(input_name, msg, self._now_ns(), self._publish)
+
+    def _on_query(self, msg: Query) -> None:
+        instruction = None
+        if msg.instruction:
+            text = [e for e in self.pipeline.encoders.values() if getattr(e, "kind", "") == "text"]
+            if not text:
+                self._publish(Failure(msg.stream, msg.request_id, Code.BAD_INPUT,
+                                      "no text input is configured for instructions"))
+                return
+            try:
+                instruction = text[0].encode(msg)
+            except CapsuleRosError as e:
+                self._publish(Failure(msg.stream, msg.request_id, e.code, e.text))
+                return
+        self.pipeline.query(msg.stream, msg.request_id, instruction, self._now_ns(), self._publish)
+
+    def _publish(self, outcome: Outcome) -> None:
+        if isinstance(outcome, Answer):
+            self.actions_pub.publish(to_action_chunk(outcome))
+            return
+        if outcome.stream in self.errors and outcome.code >= 100 and outcome.code < 300:
+            self.errors[outcome.stream] += 1
+        log = self.get_logger().warning if outcome.code < 900 else self.get_logger().error
+        log(f"[{outcome.stream}#{outcome.request_id}] {Code(outcome.code).name}: {outcome.text}")
+        self.status_pub.publish(to_status(outcome, self._now_ns()))
+
+    def _on_capsule_op(self, request: CapsuleOp.Request, response: CapsuleOp.Response):
+        engine = self.pipeline.engine
+        op, stream = request.op, request.stream
+        try:
+            if op == "list":
+                response.names = engine.store.list()
+            elif op == "stats":
+                response.json = json.dumps(engine_stats(engine))
+            elif op == "rollback":
+                engine.rollback(stream, request.count or 1)
+            elif op == "reset":
+                engine.reset(stream)
+            elif op == "fork":
+                self.pipeline.fork(stream, request.target)
+            elif op in ("pin", "unpin"):
+                engine.store.pin(stream, op == "pin")
+            elif op == "drop":
+                if stream in self.config.streams:
+                    raise CapsuleError(f"{stream!r} is a configured stream; reset it instead")
+                engine.drop(stream)
+            else:
+                raise CapsuleRosError(Code.BAD_INPUT, f"unknown op {op!r}")
+        except CapsuleError as e:
+            response.ok, response.code, response.message = False, int(Code.CAPSULE_REFUSED), str(e)
+            return response
+        except CapsuleRosError as e:
+            response.ok, response.code, response.message = False, int(e.code), e.text
+            return response
+        response.ok, response.code = True, 0
+        current = engine.store.current(stream) if stream in engine.store else None
+        response.message = f"{op} ok" + (f"; {stream} at {current.position}" if current else "")
+        return response
+
+    def _publish_diagnostics(self) -> None:
+        arr = DiagnosticArray()
+        arr.header.stamp = self.get_clock().now().to_msg()
+        for name, rows in self.pipeline.latencies.items():
+            st = DiagnosticStatus(name=f"{self.get_name()}: stream {name}", hardware_id="capsule_ros")
+            st.level = DiagnosticStatus.OK
+            st.message = f"{len(rows)} queries, {self.errors.get(name, 0)} input errors"
+            values = {"queries": len(rows), "errors": self.errors.get(name, 0)}
+            current = self.pipeline.engine.store.current(name)
+            values["position"] = current.position if current else 0
+            for part in ("restore_ms", "append_ms", "act_ms", "commit_ms"):
+                if rows:
+                    values[f"{part}_p50"] = round(statistics.median(r[part] for r in rows), 3)
+            st.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
+            arr.status.append(st)
+        self.diag_pub.publish(arr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    rclpy.init(args=argv if argv is not None else sys.argv)
+    node = None
+    try:
+        node = CapsuleNode()
+        rclpy.spin(node)
+    except KeyboardInterrupt:
+        pass
+    except Exception as e:  # a config or model error: say it plainly, exit non-zero
+        print(f"capsule_node: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

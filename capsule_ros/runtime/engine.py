@@ -1,0 +1,261 @@
+"""The engine: one model, one live buffer set, a capsule slot per stream.
+
+A query on a stream: restore the stream's boundary into the live buffers (skipped when they
+already hold it), append the new observation embeddings, act on the last hidden state, and hand
+the result back; the caller publishes, then calls ``commit`` to freeze the new boundary. Streams
+never see each other's state: every query starts from its own stream's capsule.
+
+This is where a query is scheduled. It knows buffers only through the model binding and the
+capsule mechanism, and nothing about ROS.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, TypeVar
+
+import torch
+
+from ..capsule import Capsule, CapsuleError, CapsuleStore, JournalEntry
+from ..capsule import capsule as capsule_ops
+from ..models.hybrid import HybridModel
+from ..status_codes import CapsuleRosError, Code
+
+T = TypeVar("T")
+POLICIES = ("refuse", "reset", "rebase")
+
+
+@dataclass
+class QueryResult(Generic[T]):
+    stream: str
+    output: T
+    position: int            # boundary position once committed
+    restore_ms: float
+    append_ms: float
+    act_ms: float
+    restored: bool           # False when the live buffers already held this stream's boundary
+    events: list[tuple[Code, str]] = field(default_factory=list)  # e.g. a context reset
+
+
+@dataclass
+class _Pending:
+    stream: str
+    parent: Capsule          # the boundary the live state started from (shares its KV prefix)
+    journal: tuple[JournalEntry, ...]
+
+
+class Engine:
+    def __init__(self, model: HybridModel, *, history_depth: int = 8, chunk_size: int = 64,
+                 context_policy: str = "reset", rebase_window: int = 8,
+                 max_segments: int = 32) -> None:
+        if context_policy not in POLICIES:
+            raise ValueError(f"context_policy must be one of {POLICIES}, not {context_policy!r}")
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        self.model = model
+        self.store = CapsuleStore(history_depth)
+        self.chunk_size = chunk_size
+        self.context_policy = context_policy
+        self.rebase_window = rebase_window
+        self.max_segments = max_segments
+        self.counters = {"queries": 0, "restores": 0, "restores_skipped": 0, "commits": 0,
+                         "context_resets": 0, "context_rebases": 0}
+        self._pending: _Pending | None = None
+        # The capsule the live buffers hold right now (None: dirty, e.g. mid-append).
+        self._live_capsule: Capsule | None = None
+        self.empty = self._freeze_empty()
+
+    # -- setup ------------------------------------------------------------------------------
+    def _freeze_empty(self) -> Capsule:
+        for region in self.model.live.regions.values():
+            region.zero_()
+        self.model.write_meta(self.model.empty_meta())
+        empty = capsule_ops.commit(self.model.live, fingerprint=self.model.fingerprint, position=0,
+                                   meta=self.model.read_meta())
+        self._live_capsule = empty
+        return empty
+
+    def add_stream(self, stream: str, base: Capsule | None = None) -> None:
+        """A new stream, starting empty or at ``base`` (which ``reset`` returns to)."""
+        if base is not None:
+            self._check_fingerprint(base)
+        self.store.create(stream, base)
+
+    @property
+    def live(self):
+        return self.model.live
+
+    # -- the query path --------------------------------------------------------------------
+    def query(self, stream: str, embeds: torch.Tensor, act: Callable[[torch.Tensor], T],
+              source: str = "") -> QueryResult[T]:
+        """Restore, append ``embeds`` [n, hidden], act on the last hidden state. Then ``commit``."""
+        if self._pending is not None:
+            raise RuntimeError(f"query on {stream!r} while {self._pending.stream!r} awaits commit")
+        if stream not in self.store:
+            raise CapsuleRosError(Code.UNKNOWN_STREAM, f"unknown stream {stream!r}")
+        if embeds.ndim != 2 or embeds.shape[1] != self.model.hidden_size or embeds.shape[0] == 0:
+            raise CapsuleRosError(Code.BAD_INPUT, f"embeddings of shape {tuple(embeds.shape)}, "
+                                  f"expected [n>0, {self.model.hidden_size}]")
+        entry = JournalEntry(embeds.detach().to("cpu", torch.float32).clone(), source)
+        start, replay, events = self._plan(stream, entry.embeds.shape[0])
+
+        t0 = _now(self.live.device)
+        restored = self._restore(start)
+        for old in replay:  # a rebase re-appends the latest observations after the base
+            self._append(old.embeds)
+        journal = start.journal + replay
+        t1 = _now(self.live.device)
+        hidden = self._append(entry.embeds)
+        t2 = _now(self.live.device)
+        output = act(hidden[-1])
+        t3 = _now(self.live.device)
+        self._pending = _Pending(stream, start, journal + (entry,))
+        self.counters["queries"] += 1
+        return QueryResult(stream, output, self.model.position, (t1 - t0) * 1e3, (t2 - t1) * 1e3,
+                           (t3 - t2) * 1e3, restored, events)
+
+    def commit(self) -> float:
+        """Freeze the live state as the pending stream's new boundary. Returns milliseconds."""
+        if self._pending is None:
+            raise RuntimeError("commit without a query")
+        p, self._pending = self._pending, None
+        t0 = _now(self.live.device)
+        capsule = capsule_ops.commit(self.live, fingerprint=self.model.fingerprint,
+                                     position=self.model.position, meta=self.model.read_meta(),
+                                     journal=p.journal, parent=p.parent,
+                                     max_segments=self.max_segments)
+        self.store.commit(p.stream, capsule)
+        self._live_capsule = capsule
+        self.counters["commits"] += 1
+        return (_now(self.live.device) - t0) * 1e3
+
+    def abort(self) -> None:
+        """Forget a query that will not be committed; the stream keeps its previous boundary."""
+        self._pending = None
+        self._live_capsule = None
+
+    # -- verbs -----------------------------------------------------------------------------
+    def rollback(self, stream: str, k: int = 1) -> Capsule | None:
+        self._idle()
+        return self.store.rollback(stream, k)
+
+    def reset(self, stream: str) -> Capsule | None:
+        self._idle()
+        return self.store.reset(stream)
+
+    def fork(self, source: str, new_stream: str) -> None:
+        self._idle()
+        self.store.fork(source, new_stream)
+
+    def drop(self, stream: str) -> None:
+        self._idle()
+        self.store.drop(stream)
+
+    def boundary(self, stream: str) -> Capsule:
+        """The stream's current boundary (the empty capsule for a stream with no context)."""
+        return self.store.current(stream) or self.empty
+
+    def restore(self, stream: str) -> bool:
+        """Load the stream's boundary into the live buffers (tests and tools; queries do it themselves)."""
+        self._idle()
+        return self._restore(self.boundary(stream))
+
+    def recompute(self, capsule: Capsule, base: Capsule | None = None) -> Capsule:
+        """Cold recompute of a boundary from its journal, on the same chunking (verify mode).
+
+        The live buffers are left holding the recomputed state; the store is not touched.
+        """
+        self._idle()
+        base = base or self.empty
+        self._restore(base)
+        for entry in capsule.journal[len(base.journal):]:
+            self._append(entry.embeds)
+        cold = capsule_ops.commit(self.live, fingerprint=self.model.fingerprint,
+                                  position=self.model.position, meta=self.model.read_meta(),
+                                  journal=capsule.journal)
+        self._live_capsule = cold
+        return cold
+
+    # -- internals -------------------------------------------------------------------------
+    def _idle(self) -> None:
+        if self._pending is not None:
+            raise RuntimeError("a query awaits commit")
+
+    def _check_fingerprint(self, capsule: Capsule) -> None:
+        diff = self.model.fingerprint.diff(capsule.fingerprint)
+        if diff:
+            raise CapsuleRosError(Code.CAPSULE_REFUSED, "capsule differs in " + ", ".join(diff))
+
+    def _restore(self, capsule: Capsule) -> bool:
+        if capsule is self._live_capsule:
+            self.counters["restores_skipped"] += 1
+            return False
+        self._live_capsule = None
+        try:
+            capsule_ops.restore(capsule, self.live, self.model.fingerprint)
+        except CapsuleError as e:
+            raise CapsuleRosError(Code.CAPSULE_REFUSED, str(e)) from e
+        self.model.write_meta(dict(capsule.meta))
+        self._live_capsule = capsule
+        self.counters["restores"] += 1
+        return True
+
+    def _append(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Prefill in chunks of ``chunk_size``; the chunking is part of what a cold run repeats."""
+        self._live_capsule = None
+        outs = [self.model.forward(embeds[i:i + self.chunk_size])
+                for i in range(0, embeds.shape[0], self.chunk_size)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _plan(self, stream: str, n: int
+              ) -> tuple[Capsule, tuple[JournalEntry, ...], list[tuple[Code, str]]]:
+        """Where a query of ``n`` tokens starts: a capsule, entries to re-append, and events.
+
+        Within the context limit that is the stream's boundary. Past it, the context policy
+        decides: refuse (coded error), reset (to the base), or rebase (the base plus the latest
+        observations that fit). Never a silent wrap.
+        """
+        slot = self.store.slot(stream)
+        current = slot.current or self.empty
+        limit = self.model.max_len
+        if current.position + n <= limit:
+            return current, (), []
+        base = slot.base or self.empty
+        why = f"stream {stream!r}: context {current.position}+{n} exceeds {limit}"
+        if self.context_policy == "refuse":
+            raise CapsuleRosError(Code.CONTEXT_FULL, why + " (policy refuse)")
+        if base.position + n > limit:
+            raise CapsuleRosError(Code.CONTEXT_FULL, why + "; the base alone leaves no room")
+        if self.context_policy == "reset":
+            self.counters["context_resets"] += 1
+            return base, (), [(Code.CONTEXT_RESET, why + "; reset to base")]
+        tail = self._rebase_tail(current, base, limit - n)
+        self.counters["context_rebases"] += 1
+        return base, tail, [(Code.CONTEXT_REBASED,
+                             why + f"; rebased on the last {len(tail)} observations")]
+
+    def _rebase_tail(self, current: Capsule, base: Capsule, budget: int) -> tuple[JournalEntry, ...]:
+        """The latest journal entries (at most ``rebase_window``) that fit after the base."""
+        own = current.journal[len(base.journal):]
+        tail: list[JournalEntry] = []
+        used = base.position
+        for entry in reversed(own[-self.rebase_window:] if self.rebase_window else ()):
+            if used + entry.embeds.shape[0] > budget:
+                break
+            tail.insert(0, entry)
+            used += entry.embeds.shape[0]
+        return tuple(tail)
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def stats(engine: Engine) -> dict[str, Any]:
+    """Counts and bytes for diagnostics."""
+    out = engine.store.stats()
+    out["counters"] = dict(engine.counters)
+    out["live_bytes"] = sum(r.numel() * r.element_size() for r in engine.live.regions.values())
+    return out
