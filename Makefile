@@ -1,0 +1,49 @@
+# capsule_ros: make setup | build | demo | test | gpu-test | clean
+# Every recipe runs in bash with scripts/env.sh sourced (venv + this repo's install tree).
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+.DEFAULT_GOAL := help
+.PHONY: help setup build demo test gpu-test clean distclean
+
+ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
+ENV  := . "$(ROOT)/scripts/env.sh"
+PYTEST_ARGS ?=
+
+help:
+	@echo "capsule_ros targets:"
+	@echo "  make setup     venv + pinned deps + /opt/python symlinks + colcon build (idempotent)"
+	@echo "  make build     same as setup (colcon build is part of it; incremental)"
+	@echo "  make demo      setup, then python -m capsule_ros.demo from the install tree"
+	@echo "  make test      setup, then pytest -rs test (per-test timeout 300 s; PYTEST_ARGS=... adds)"
+	@echo "  make gpu-test  GPU tests (not yet)"
+	@echo "  make clean     remove build/ install/ log/ and test/demo outputs (keeps .venv)"
+	@echo "  make distclean clean, and remove .venv"
+	@echo "Use the install tree in a shell with:  . scripts/env.sh"
+
+setup:
+	@$(ENV); bash "$(ROOT)/scripts/setup.sh"
+
+build: setup
+
+# -P: do not put the cwd (repo root) on sys.path, or the source tree's capsule_ros (which has
+# no generated capsule_ros.msg) would shadow the installed package.
+demo: setup
+	@$(ENV); cd "$(ROOT)" && python -P -m capsule_ros.demo
+
+# The venv's pytest executable, not `python -m pytest`: the latter puts the repo root on
+# sys.path and the source capsule_ros shadows the installed one (which holds capsule_ros.msg).
+test: setup
+	@$(ENV); cd "$(ROOT)"; \
+	export ROS_DOMAIN_ID="$${ROS_DOMAIN_ID:-$$(( $$$$ % 100 + 1 ))}"; \
+	echo "[test] ROS_DOMAIN_ID=$$ROS_DOMAIN_ID"; \
+	"$$VIRTUAL_ENV/bin/pytest" -rs --timeout=300 -p no:cacheprovider $(PYTEST_ARGS) test
+
+gpu-test:
+	@$(ENV); echo "gpu-test: not yet"; exit 1
+
+clean:
+	@$(ENV); cd "$(ROOT)" && rm -rf build install log ci_test.log demo_summary.json demo_out .pytest_cache .hypothesis
+	@find "$(ROOT)" -path "$(ROOT)/.venv" -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf "$(ROOT)/.venv"
