@@ -63,6 +63,10 @@ class Engine:
         self._pending: _Pending | None = None
         # The capsule the live buffers hold right now (None: dirty, e.g. mid-append).
         self._live_capsule: Capsule | None = None
+        # Small named tensors that belong to the live state but not to the model's cache, e.g.
+        # a sampler's RNG state. Restored from and committed with every capsule; a query's act
+        # may replace entries (``engine.meta_tensors["rng"] = gen.get_state()``).
+        self.meta_tensors: dict[str, torch.Tensor] = {}
         self.empty = self._freeze_empty()
 
     # -- setup ------------------------------------------------------------------------------
@@ -114,6 +118,22 @@ class Engine:
         return QueryResult(stream, output, self.model.position, (t1 - t0) * 1e3, (t2 - t1) * 1e3,
                            (t3 - t2) * 1e3, restored, events)
 
+    def extend(self, embeds: torch.Tensor, source: str = "") -> torch.Tensor:
+        """Append more within the pending query (e.g. decoded tokens fed back); returns hidden.
+
+        The appended embeddings join the stream's journal, so cold recompute repeats them.
+        """
+        if self._pending is None:
+            raise RuntimeError("extend outside a query")
+        n = embeds.shape[0]
+        if self.model.position + n > self.model.max_len:
+            raise CapsuleRosError(Code.CONTEXT_FULL, f"extend by {n} at {self.model.position} "
+                                  f"exceeds context {self.model.max_len}")
+        entry = JournalEntry(embeds.detach().to("cpu", torch.float32).clone(), source)
+        hidden = self._append(entry.embeds)
+        self._pending.journal = self._pending.journal + (entry,)
+        return hidden
+
     def commit(self) -> float:
         """Freeze the live state as the pending stream's new boundary. Returns milliseconds."""
         if self._pending is None:
@@ -122,8 +142,8 @@ class Engine:
         t0 = _now(self.live.device)
         capsule = capsule_ops.commit(self.live, fingerprint=self.model.fingerprint,
                                      position=self.model.position, meta=self.model.read_meta(),
-                                     journal=p.journal, parent=p.parent,
-                                     max_segments=self.max_segments)
+                                     meta_tensors=self.meta_tensors, journal=p.journal,
+                                     parent=p.parent, max_segments=self.max_segments)
         self.store.commit(p.stream, capsule)
         self._live_capsule = capsule
         self.counters["commits"] += 1
@@ -172,7 +192,7 @@ class Engine:
             self._append(entry.embeds)
         cold = capsule_ops.commit(self.live, fingerprint=self.model.fingerprint,
                                   position=self.model.position, meta=self.model.read_meta(),
-                                  journal=capsule.journal)
+                                  meta_tensors=self.meta_tensors, journal=capsule.journal)
         self._live_capsule = cold
         return cold
 
@@ -196,6 +216,7 @@ class Engine:
         except CapsuleError as e:
             raise CapsuleRosError(Code.CAPSULE_REFUSED, str(e)) from e
         self.model.write_meta(dict(capsule.meta))
+        self.meta_tensors = {k: t.clone() for k, t in capsule.meta_tensors.items()}
         self._live_capsule = capsule
         self.counters["restores"] += 1
         return True
