@@ -1,0 +1,50 @@
+"""Helpers for in-process ROS tests: a context per test, spinning until a condition holds.
+
+Tests never sleep for discovery: they spin the executor until the graph says the peers match.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+
+
+@contextmanager
+def ros_context() -> Iterator[rclpy.Context]:
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    try:
+        yield ctx
+    finally:
+        ctx.try_shutdown()
+
+
+def make_executor(ctx: rclpy.Context, *nodes) -> SingleThreadedExecutor:
+    ex = SingleThreadedExecutor(context=ctx)
+    for n in nodes:
+        ex.add_node(n)
+    return ex
+
+
+def spin_until(executor, condition: Callable[[], bool], timeout: float = 20.0,
+               what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        executor.spin_once(timeout_sec=0.05)
+
+
+def wait_matched(executor, node, publishers=(), subscribed_topics=(), timeout: float = 20.0) -> None:
+    """Until every publisher has a subscriber and every topic in ``subscribed_topics`` a publisher.
+
+    (``node.count_publishers`` rather than ``Subscription.get_publisher_count``: the latter is
+    newer than Jazzy's rclpy.)
+    """
+    def matched() -> bool:
+        return (all(p.get_subscription_count() > 0 for p in publishers)
+                and all(node.count_publishers(t) > 0 for t in subscribed_topics))
+    spin_until(executor, matched, timeout, "discovery")

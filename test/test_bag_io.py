@@ -1,0 +1,164 @@
+"""The committed demo bag and the rosbags-based bag I/O (no ROS graph needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from capsule_ros.ros import bag_io
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_BAG = REPO / 'test' / 'data' / 'demo_bag'
+EPOCH_NS = 1_700_000_000 * 1_000_000_000
+FRONT, WRIST, JOINTS = '/front_cam/image_raw', '/wrist_cam/image_raw', '/joint_states'
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location('make_demo_bag',
+                                                  REPO / 'scripts' / 'make_demo_bag.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _by_topic(path):
+    out = defaultdict(list)
+    for m in bag_io.read_messages(path):
+        out[m.topic].append(m)
+    return out
+
+
+def test_committed_bag_is_small():
+    size = sum(p.stat().st_size for p in DEMO_BAG.rglob('*') if p.is_file())
+    assert 0 < size < 2 * 1024 * 1024
+    assert (DEMO_BAG / 'metadata.yaml').is_file()
+    assert list(DEMO_BAG.glob('*.mcap'))
+
+
+def test_committed_bag_content():
+    msgs = list(bag_io.read_messages(DEMO_BAG))
+    stamps = [m.timestamp_ns for m in msgs]
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)  # no ties
+    assert Counter(m.topic for m in msgs) == {JOINTS: 80, FRONT: 20, WRIST: 20}
+    assert bag_io.bag_topics(DEMO_BAG) == {JOINTS: 'sensor_msgs/msg/JointState',
+                                           FRONT: 'sensor_msgs/msg/Image',
+                                           WRIST: 'sensor_msgs/msg/Image'}
+    by = _by_topic(DEMO_BAG)
+    for m in msgs:  # header stamp == bag time
+        h = m.msg.header.stamp
+        assert h.sec * 1_000_000_000 + h.nanosec == m.timestamp_ns
+    f = by[FRONT][0].msg
+    assert (f.encoding, f.width, f.height, f.step, f.header.frame_id) == \
+        ('rgb8', 64, 48, 192, 'front_cam')
+    assert f.data.dtype == np.uint8 and f.data.size == 48 * 192
+    w = by[WRIST][0].msg
+    assert (w.encoding, w.width, w.height, w.step, w.header.frame_id) == \
+        ('bgr8', 48, 48, 144, 'wrist_cam')
+    j = by[JOINTS][0].msg
+    assert list(j.name) == [f'joint_{i}' for i in range(1, 8)]
+    assert len(j.position) == len(j.velocity) == len(j.effort) == 7
+    # timing: joints 20 Hz from the epoch, front 5 Hz from +10 ms, wrist 100 ms after front
+    assert by[JOINTS][0].timestamp_ns == EPOCH_NS
+    assert by[JOINTS][-1].timestamp_ns == EPOCH_NS + 79 * 50_000_000
+    assert by[FRONT][0].timestamp_ns == EPOCH_NS + 10_000_000
+    assert by[FRONT][-1].timestamp_ns == EPOCH_NS + 10_000_000 + 19 * 200_000_000
+    assert [b.timestamp_ns - a.timestamp_ns for a, b in zip(by[FRONT], by[WRIST])] == \
+        [100_000_000] * 20
+    # the pattern moves: consecutive frames differ
+    frames = [m.msg.data for m in by[FRONT]]
+    assert all(not np.array_equal(a, b) for a, b in zip(frames, frames[1:]))
+
+
+def test_regenerated_bag_matches_committed(tmp_path):
+    mod = _load_script()
+    out = tmp_path / 'demo_bag'
+    assert mod.main(['--out', str(out)]) == 0
+    new, old = _by_topic(out), _by_topic(DEMO_BAG)
+    assert {t: len(v) for t, v in new.items()} == {t: len(v) for t, v in old.items()}
+    for topic in old:
+        for a, b in zip(new[topic], old[topic]):
+            assert a.timestamp_ns == b.timestamp_ns and a.msgtype == b.msgtype
+            ma, mb = a.msg, b.msg
+            assert (ma.header.stamp.sec, ma.header.stamp.nanosec, ma.header.frame_id) == \
+                (mb.header.stamp.sec, mb.header.stamp.nanosec, mb.header.frame_id)
+            if a.msgtype == 'sensor_msgs/msg/Image':
+                assert (ma.encoding, ma.width, ma.height, ma.step) == \
+                    (mb.encoding, mb.width, mb.height, mb.step)
+                diff = np.abs(ma.data.astype(int) - mb.data.astype(int))
+                assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # libm ulps at most
+            else:
+                assert list(ma.name) == list(mb.name)
+                for fld in ('position', 'velocity', 'effort'):
+                    np.testing.assert_allclose(getattr(ma, fld), getattr(mb, fld),
+                                               rtol=0, atol=1e-12)
+    with pytest.raises(FileExistsError):
+        mod.main(['--out', str(out)])
+    assert mod.main(['--out', str(out), '--force', '--seconds', '1']) == 0
+    assert Counter(m.topic for m in bag_io.read_messages(out)) == {JOINTS: 20, FRONT: 5,
+                                                                   WRIST: 5}
+
+
+def test_custom_types_roundtrip(tmp_path):
+    files = bag_io.package_msg_files()
+    assert 'capsule_ros/msg/Status' in files and 'capsule_ros/msg/ActionChunk' in files
+    ts = bag_io.typestore_with()
+    T = ts.types
+    header = T['std_msgs/msg/Header'](stamp=T['builtin_interfaces/msg/Time'](sec=5, nanosec=7),
+                                      frame_id='f')
+    status = T['capsule_ros/msg/Status'](header=header, stream='front', request_id=3,
+                                         code=T['capsule_ros/msg/Status'].BAD_SIZE, text='x')
+    chunk = T['capsule_ros/msg/ActionChunk'](
+        header=header, stream='front', request_id=3, boundary=17, stamp_is_receive_time=False,
+        horizon=2, dof=3, step_period=0.1, values=np.arange(6, dtype=np.float32),
+        restore_ms=0.5, append_ms=1.0, act_ms=2.0, prev_commit_ms=0.25)
+    items = [('/capsule_node/status', 'capsule_ros/msg/Status', 10,
+              bag_io.serialize(status, 'capsule_ros/msg/Status', ts)),
+             ('/capsule_node/actions', 'capsule_ros/msg/ActionChunk', 20,
+              bag_io.serialize(chunk, 'capsule_ros/msg/ActionChunk', ts))]
+    out = tmp_path / 'out'
+    assert bag_io.write_messages(out, items) == 2
+    back = list(bag_io.read_messages(out))
+    assert [(m.topic, m.msgtype, m.timestamp_ns, m.rawdata) for m in back] == items
+    assert back[0].msg.code == 101 and back[0].msg.text == 'x'
+    assert back[1].msg.values.tolist() == [0, 1, 2, 3, 4, 5] and back[1].msg.boundary == 17
+    # a fresh reader (default typestore without the package) gets the types from the bag
+    back2 = list(bag_io.read_messages(out, typestore=bag_io.typestore_with(
+        include_package=False)))
+    assert back2[1].msg.stream == 'front'
+    with pytest.raises(KeyError):
+        list(bag_io.read_messages(out, topics=['/nope']))
+    with pytest.raises(FileExistsError):
+        bag_io.write_messages(out, items[:1])
+    assert bag_io.write_messages(out, items[:1], overwrite=True) == 1
+    with bag_io.BagRecorder(tmp_path / 'bad', typestore=bag_io.typestore_with(
+            include_package=False)) as rec:
+        with pytest.raises(KeyError):
+            rec.write('/t', 'capsule_ros/msg/Status', 1, items[0][3])
+
+
+def test_rosbags_and_rclpy_messages_share_field_names():
+    """Encoders duck-type both: check the fields they use agree."""
+    rclpy_ser = pytest.importorskip('rclpy.serialization')
+    from sensor_msgs.msg import Image, JointState
+    by = _by_topic(DEMO_BAG)
+    for topic, cls in ((FRONT, Image), (WRIST, Image), (JOINTS, JointState)):
+        m = by[topic][3]
+        a, b = m.msg, rclpy_ser.deserialize_message(m.rawdata, cls)
+        assert (a.header.stamp.sec, a.header.stamp.nanosec, a.header.frame_id) == \
+            (b.header.stamp.sec, b.header.stamp.nanosec, b.header.frame_id)
+        if cls is Image:
+            for fld in ('height', 'width', 'encoding', 'step', 'is_bigendian'):
+                assert getattr(a, fld) == getattr(b, fld)
+            # rosbags: numpy uint8 array; rclpy: array.array('B'); both convert the same way
+            assert np.array_equal(np.asarray(a.data, np.uint8), np.asarray(b.data, np.uint8))
+            assert np.array_equal(np.frombuffer(a.data, np.uint8),
+                                  np.frombuffer(b.data, np.uint8))
+        else:
+            assert list(a.name) == list(b.name)
+            for fld in ('position', 'velocity', 'effort'):
+                assert np.array_equal(np.asarray(getattr(a, fld), np.float64),
+                                      np.asarray(getattr(b, fld), np.float64))
