@@ -135,8 +135,11 @@ def from_params(params: Mapping[str, Any]) -> NodeConfig:
 def load_yaml(path: str | Path, node_name: str = NODE_NAME) -> NodeConfig:
     """The same config from a ROS 2 parameter file (``<node>: ros__parameters: ...``)."""
     doc = yaml.safe_load(Path(path).read_text()) or {}
-    section = doc.get(node_name) or doc.get("/**") or {}
-    return from_params(section.get("ros__parameters", {}))
+    # Keys as rcl matches them: the node name, a wildcard namespace, or every node.
+    for key in (node_name, f"/{node_name}", f"/**/{node_name}", "/**"):
+        if key in doc:
+            return from_params((doc[key] or {}).get("ros__parameters", {}))
+    raise ConfigError(f"{path}: no section for node {node_name!r} (nor /**/{node_name} or /**)")
 
 
 def _names(doc: dict, what: str) -> list[str]:
