@@ -1,0 +1,173 @@
+"""Graph-bound execution on CUDA: the model step captured as CUDA graphs over the live buffers.
+
+Every captured step reads and writes the live state at fixed addresses, so a restore (a copy
+into those same buffers) needs no recapture: the next replay continues from the restored state.
+
+One graph per variant ``(chunk, window, path)``:
+* ``chunk``: tokens appended by one replay, a power of two up to ``max_chunk`` (1 is the decode
+  step). An append of n tokens replays its binary decomposition, largest first (n=33: 32+1), so
+  a restore-then-append repeats the same chunks as a cold run of the same history.
+* ``window``: the KV rows attention reads (kv_window.py): cost follows the valid length.
+* ``path``: transformers chooses code paths with Python state a graph cannot see
+  (``has_previous_state`` flags; ``seq_len == 1`` branches, covered by the chunk). ``first`` is
+  the prefill of an empty context (flags off), ``cont`` continues from a state (flags on); the
+  variant is picked from the live metadata. Replays do not run Python, so after each one the
+  runner sets what the captured code would have set (position, flags).
+
+Captured inputs are static tensors: the chunk's embeddings and one device scalar, the start
+position; positions and the causal mask are computed from it inside the graph. The first token
+(argmax of the last position's logits) is computed in the graph too. Sampling stays outside
+the graph, eagerly, with the stream's generator whose state travels in the capsule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kv_window import MaskMap, causal_mask
+
+
+def decompose(n: int, max_chunk: int) -> list[int]:
+    """n as a sum of powers of two <= max_chunk, largest first (33 -> [32, 1])."""
+    if n <= 0:
+        raise ValueError("append of no tokens")
+    out = []
+    while n:
+        c = min(max_chunk, 1 << (n.bit_length() - 1))
+        out.append(c)
+        n -= c
+    return out
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    hidden: torch.Tensor   # [1, chunk, hidden], written by each replay
+    logits: torch.Tensor   # [vocab] of the chunk's last position
+    token: torch.Tensor    # argmax of logits
+
+
+class GraphRunner:
+    def __init__(self, model, max_chunk: int = 512) -> None:
+        if model.live.device.type != "cuda":
+            raise ValueError("graph-bound execution needs the live state on a CUDA device")
+        if max_chunk & (max_chunk - 1):
+            raise ValueError("max_chunk must be a power of two")
+        self.model = model
+        self.max_chunk = max_chunk
+        self.device = model.live.device
+        self.dtype = getattr(torch, model.spec.dtype)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[int, int, str], _Captured] = {}
+        self.base_pos = torch.zeros((), dtype=torch.long, device=self.device)
+        self._inputs: dict[int, torch.Tensor] = {}
+        self._aranges: dict[int, torch.Tensor] = {}
+        self.captures = 0
+        self.replays = 0
+
+    # -- capture ---------------------------------------------------------------------------
+    def _input(self, chunk: int) -> torch.Tensor:
+        if chunk not in self._inputs:
+            self._inputs[chunk] = torch.zeros(1, chunk, self.model.hidden_size, dtype=self.dtype,
+                                              device=self.device)
+            self._aranges[chunk] = torch.arange(chunk, device=self.device)
+        return self._inputs[chunk]
+
+    def _step(self, chunk: int, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The captured function: one chunk at ``base_pos``, reading ``window`` KV rows."""
+        m = self.model
+        positions = (self.base_pos + self._aranges[chunk])[None]
+        mask = causal_mask(positions, window, m.model.config._attn_implementation, self.dtype)
+        out = m.model.model(inputs_embeds=self._input(chunk), cache=m.cache, use_cache=True,
+                            position_ids=positions, attention_mask=MaskMap(mask))
+        hidden = out.last_hidden_state
+        logits = m.logits(hidden[0, -1])
+        return hidden, logits, logits.argmax()
+
+    def _prepare(self, chunk: int, window: int, path: str) -> None:
+        """Put the live metadata in the state a variant expects (capture runs on scratch data)."""
+        start = 0 if path == "first" else window - chunk
+        self.model.write_meta({"position": start, "flags": [path == "cont"] * self.model.num_flags})
+        self.base_pos.fill_(start)
+        self.model.window.apply(window)
+
+    @torch.no_grad()
+    def capture(self, chunk: int, window: int, path: str) -> _Captured:
+        """Capture one variant. The live state is saved and put back: capture writes into it."""
+        key = (chunk, window, path)
+        if key in self.graphs:
+            return self.graphs[key]
+        m = self.model
+        saved = {k: r.clone() for k, r in m.live.regions.items()}
+        meta = m.read_meta()
+        self._input(chunk).normal_()  # no zeros: they can hide unwritten paths
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up: lazy init, autotuning, workspace allocation
+            for _ in range(2):
+                self._prepare(chunk, window, path)
+                self._step(chunk, window)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self._prepare(chunk, window, path)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            hidden, logits, token = self._step(chunk, window)
+        for k, r in m.live.regions.items():
+            r.copy_(saved[k])
+        m.write_meta(meta)
+        captured = _Captured(graph, hidden, logits, token)
+        self.graphs[key] = captured
+        self.captures += 1
+        return captured
+
+    def warmup(self, chunks: list[int] | None = None, max_needed: int | None = None) -> None:
+        """Capture every variant a context up to ``max_needed`` rows can use (no capture later)."""
+        m = self.model
+        chunks = chunks or [1 << i for i in range(self.max_chunk.bit_length())]
+        limit = max_needed or m.max_len
+        windows = sorted({m.window.window_for(min(limit, w)) for w in
+                          [m.window.floor << i for i in range(20)] if w <= 2 * limit})
+        for chunk in chunks:
+            for w in windows:
+                if w >= chunk:
+                    self.capture(chunk, w, "cont")
+            self.capture(chunk, m.window.window_for(chunk), "first")
+
+    # -- running ---------------------------------------------------------------------------
+    def path(self) -> str:
+        flags = self.model.read_meta()["flags"]
+        if all(flags):
+            return "cont"
+        if not any(flags):
+            return "first"
+        raise RuntimeError("mixed has_previous_state flags: no captured variant for that state")
+
+    @torch.no_grad()
+    def append(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append ``embeds`` [n, hidden] by graph replays: (hidden [n, hidden], logits, token)."""
+        m = self.model
+        n = embeds.shape[0]
+        if m.position + n > m.max_len:
+            raise ValueError(f"append of {n} at {m.position} exceeds context {m.max_len}")
+        embeds = embeds.to(self.device, self.dtype)
+        outs = []
+        done = 0
+        cap = None
+        for chunk in decompose(n, self.max_chunk):
+            path = self.path()
+            if path == "first" and m.position != 0:
+                raise RuntimeError("flags say empty context but the position is not 0")
+            window = m.window.window_for(m.position + chunk)
+            cap = self.capture(chunk, window, path)
+            self._inputs[chunk].copy_(embeds[done:done + chunk][None])
+            self.base_pos.fill_(m.position)
+            cap.graph.replay()
+            self.replays += 1
+            # What the captured Python did once at capture time, done again for this replay.
+            m.window.apply(window)
+            m.write_meta({"position": m.position + chunk, "flags": [True] * m.num_flags},
+                         write_device=False)
+            outs.append(cap.hidden[0].clone())
+            done += chunk
+        return torch.cat(outs) if len(outs) > 1 else outs[0], cap.logits.clone(), cap.token.clone()
