@@ -16,6 +16,7 @@ The Python-side flags and the attention write position are metadata: ``read_meta
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,10 @@ import torch
 
 from ..capsule import BufferSpec, Fingerprint, Kind, LiveState, StateLayout
 from ..capsule.fingerprint import hash_files, hash_text
+from ..runtime.kv_window import KVWindow, MaskMap, causal_mask
 from .registry import family_for
+
+POLICY_FILE = "policy.safetensors"  # see capsule_ros.policy.weights
 
 try:  # transformers 5.x
     from transformers.cache_utils import LinearAttentionCacheLayerMixin, StaticCache, StaticLayer
@@ -57,18 +61,79 @@ def _versions() -> str:
     return hash_text(f"torch={torch.__version__};transformers={transformers.__version__};capsule=1")
 
 
+def _offline() -> None:
+    """No network at run time: the hub is offline for this process from the first load on."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    try:  # huggingface_hub reads the variable at import; set its constant too when imported
+        import huggingface_hub.constants as hub_constants
+        hub_constants.HF_HUB_OFFLINE = True
+    except Exception:  # pragma: no cover - hub internals moved; the variables still apply
+        pass
+
+
+def _checkpoint_weights(root: Path) -> list[Path]:
+    """The checkpoint's safetensors files; a missing file (or shard) is named in the error."""
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise ModelLoadError(f"checkpoint {root}: unreadable {index.name}: {e}") from e
+        missing = [s for s in shards if not (root / s).is_file()]
+        if missing:
+            raise ModelLoadError(f"checkpoint {root}: missing weight file(s) {missing} "
+                                 f"(listed in {index.name})")
+        return [root / s for s in shards]
+    weights = sorted(root.glob("*.safetensors"))
+    weights = [w for w in weights if w.name != POLICY_FILE]  # encoders/heads, not the backbone
+    if not weights:
+        raise ModelLoadError(f"checkpoint {root}: missing weight file model.safetensors "
+                             f"(no *.safetensors besides {POLICY_FILE})")
+    return weights
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The checkpoint's tokenizer when it ships tokenizer files, else None (byte fallback)."""
+    root = Path(path)
+    if not any((root / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    _offline()
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(root, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"checkpoint {root}: tokenizer files present but unusable: {e}") from e
+
+
 def load_transformers_model(spec: ModelSpec) -> tuple[torch.nn.Module, str]:
     """Build or load the causal LM. Returns (model, weights id for the fingerprint)."""
     from transformers import AutoModelForCausalLM, CONFIG_MAPPING
 
-    dtype = getattr(torch, spec.dtype)
+    try:
+        dtype = getattr(torch, spec.dtype)
+        assert isinstance(dtype, torch.dtype)
+    except (AttributeError, AssertionError):
+        raise ModelLoadError(f"model.dtype {spec.dtype!r} is not a torch dtype") from None
     if spec.path:
-        root = Path(spec.path)
+        _offline()
+        root = Path(spec.path).expanduser()
+        if not root.is_dir():
+            raise ModelLoadError(f"checkpoint directory {root} not found")
         if not (root / "config.json").is_file():
             raise ModelLoadError(f"checkpoint {root}: missing file config.json")
-        weights = sorted(root.glob("*.safetensors"))
-        if not weights:
-            raise ModelLoadError(f"checkpoint {root}: no *.safetensors weight file")
+        weights = _checkpoint_weights(root)
+        try:
+            model_type = json.loads((root / "config.json").read_text()).get("model_type", "")
+        except ValueError as e:
+            raise ModelLoadError(f"checkpoint {root}: config.json is not JSON: {e}") from e
+        try:
+            family_for(model_type)
+        except ValueError as e:
+            raise ModelLoadError(f"checkpoint {root}: {e}") from e
         try:
             model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype, local_files_only=True)
         except (OSError, ValueError) as e:
@@ -92,6 +157,35 @@ def load_transformers_model(spec: ModelSpec) -> tuple[torch.nn.Module, str]:
     return model.to(spec.device).eval(), weights_id
 
 
+class TokenEmbedding(torch.nn.Module):
+    """Token ids -> what the base model expects as ``inputs_embeds`` for them.
+
+    The model's own table, times the family's input scale when the base model applies one only on
+    its ``input_ids`` path (Falcon-H1). Looks like an ``nn.Embedding`` to the text encoder
+    (``weight``, ``num_embeddings``, ``embedding_dim``); it owns no parameters of its own.
+    """
+
+    def __init__(self, table: torch.nn.Embedding, scale: float) -> None:
+        super().__init__()
+        self.__dict__["table"] = table  # not a submodule: the table belongs to the model
+        self.scale = float(scale)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.table.weight
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.table.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.table.embedding_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table(ids) * self.scale
+
+
 @dataclass
 class _Flag:
     layer: int
@@ -109,13 +203,21 @@ class HybridModel:
     family: Any
     spec: ModelSpec
     position: int = 0
+    tokenizer: Any = None            # the checkpoint's tokenizer, when it has one
+    window: KVWindow | None = None   # attention reads only a window of the KV rows
+    runner: Any = None               # GraphRunner, once enable_graphs() was called (CUDA)
+    use_graphs: bool = True          # with a runner: replay graphs (False: eager, same math)
     _flags: list[_Flag] = field(default_factory=list)
     _attn_layers: list[Any] = field(default_factory=list)
+    _graph_last: tuple[torch.Tensor, torch.Tensor] | None = None  # (hidden, token) of a replay
 
     @classmethod
     def load(cls, spec: ModelSpec) -> "HybridModel":
         model, weights_id = load_transformers_model(spec)
-        return cls.bind(model, spec, weights_id)
+        bound = cls.bind(model, spec, weights_id)
+        if spec.path:
+            bound.tokenizer = load_tokenizer(Path(spec.path).expanduser())
+        return bound
 
     @classmethod
     def bind(cls, model: torch.nn.Module, spec: ModelSpec, weights_id: str) -> "HybridModel":
@@ -140,10 +242,18 @@ class HybridModel:
         _point_cache_at(cache, live)
         fp = Fingerprint(weights=weights_id, dtype=spec.dtype, layout=layout.digest(),
                          device=_device_kind(device), versions=_versions())
+        views = [(live.view(f"L{i}.k"), live.view(f"L{i}.v"))
+                 for i, layer in enumerate(cache.layers) if layer in attn]
         bound = cls(model=model, cache=cache, live=live, fingerprint=fp, family=family, spec=spec,
-                    _flags=flags, _attn_layers=attn)
+                    window=KVWindow(attn, views, spec.max_len), _flags=flags, _attn_layers=attn)
         bound.write_meta(bound.empty_meta())
         return bound
+
+    def enable_graphs(self, max_chunk: int = 512) -> Any:
+        """Run appends as CUDA-graph replays over the live buffers (runtime/graphs.py)."""
+        from ..runtime.graphs import GraphRunner
+        self.runner = GraphRunner(self, max_chunk=max_chunk)
+        return self.runner
 
     # -- metadata --------------------------------------------------------------------------
     def empty_meta(self) -> dict[str, Any]:
@@ -154,15 +264,22 @@ class HybridModel:
         flags = [bool(self.cache.layers[f.layer].has_previous_state[f.state]) for f in self._flags]
         return {"position": self.position, "flags": flags}
 
-    def write_meta(self, meta: dict[str, Any]) -> None:
+    @property
+    def num_flags(self) -> int:
+        return len(self._flags)
+
+    def write_meta(self, meta: dict[str, Any], write_device: bool = True) -> None:
+        """Set flags and position; ``write_device=False`` when a graph replay already advanced
+        the attention layers' device-side write position."""
         flags = meta["flags"]
         if len(flags) != len(self._flags):
             raise ValueError(f"meta has {len(flags)} layer flags, model has {len(self._flags)}")
         for f, value in zip(self._flags, flags):
             self.cache.layers[f.layer].has_previous_state[f.state] = bool(value)
         self.position = int(meta["position"])
-        for layer in self._attn_layers:
-            layer.cumulative_length.fill_(self.position)
+        if write_device:
+            for layer in self._attn_layers:
+                layer.cumulative_length.fill_(self.position)
 
     # -- running ---------------------------------------------------------------------------
     @property
@@ -173,8 +290,32 @@ class HybridModel:
     def max_len(self) -> int:
         return self.live.layout.max_len
 
-    def token_embedding(self) -> torch.nn.Embedding:
-        return self.model.get_input_embeddings()
+    def token_embedding(self) -> TokenEmbedding:
+        """Token ids -> ``inputs_embeds`` rows, as the model's ``input_ids`` path makes them."""
+        emb = getattr(self, "_token_embedding", None)
+        if emb is None:
+            emb = TokenEmbedding(self.model.get_input_embeddings(),
+                                 self.family.embedding_scale(self.model.config))
+            object.__setattr__(self, "_token_embedding", emb)
+        return emb
+
+    @torch.no_grad()
+    def embed_tokens(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """``[n, hidden]`` embeddings of token ids (what ``forward``/``engine.extend`` take)."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.live.device).reshape(-1)
+        return self.token_embedding()(ids)
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """End-of-sequence ids: the tokenizer's, else the model config's (int or list)."""
+        ids: set[int] = set()
+        for source in (self.tokenizer, self.model.config, getattr(self.model, "generation_config", None)):
+            value = getattr(source, "eos_token_id", None) if source is not None else None
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return frozenset(ids)
 
     @torch.no_grad()
     def forward(self, embeds: torch.Tensor) -> torch.Tensor:
@@ -182,16 +323,32 @@ class HybridModel:
         n = embeds.shape[0]
         if self.position + n > self.max_len:
             raise ValueError(f"append of {n} at {self.position} exceeds context {self.max_len}")
+        if self.runner is not None and self.use_graphs:
+            hidden, _, token = self.runner.append(embeds)
+            self._graph_last = (hidden, token)
+            return hidden
+        self._graph_last = None
         device = self.live.device
+        window = self.window.window_for(self.position + n)
+        self.window.apply(window)
         pos = torch.arange(self.position, self.position + n, device=device)[None]
+        mask = causal_mask(pos, window, self.model.config._attn_implementation, self.model.dtype)
         out = self.model.model(inputs_embeds=embeds[None].to(device=device, dtype=self.model.dtype),
-                               cache=self.cache, use_cache=True, position_ids=pos)
+                               cache=self.cache, use_cache=True, position_ids=pos,
+                               attention_mask=MaskMap(mask))
         self.position += n
         return out.last_hidden_state[0]
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.family.logits(self.model, hidden)
+
+    @torch.no_grad()
+    def next_token(self, hidden_last: torch.Tensor) -> int:
+        """Greedy next token after ``hidden_last``; a graph replay already computed it."""
+        if self._graph_last is not None and hidden_last.data_ptr() == self._graph_last[0][-1].data_ptr():
+            return int(self._graph_last[1])
+        return int(self.logits(hidden_last).argmax())
 
 
 def _device_kind(device: torch.device) -> str:
@@ -219,19 +376,20 @@ def _derive_layout(cache: Any, dtype: torch.dtype, family: Any):
             for j in range(layer.number_of_states):
                 if layer.is_conv_states_initialized[j]:
                     t = layer.conv_states[j]
-                    _check_dtype(f"L{i}.conv{j}", t, family.conv_dtype(dtype))
+                    _check_dtype(f"L{i}.conv{j}", t, *family.conv_dtypes(dtype))
                     specs.append(BufferSpec(f"L{i}.conv{j}", Kind.CONV, t.dtype, tuple(t.shape)))
                 if layer.is_recurrent_states_initialized[j]:
                     t = layer.recurrent_states[j]
-                    _check_dtype(f"L{i}.rec{j}", t, family.recurrent_dtype(dtype))
+                    _check_dtype(f"L{i}.rec{j}", t, *family.recurrent_dtypes(dtype))
                     specs.append(BufferSpec(f"L{i}.rec{j}", Kind.RECURRENT, t.dtype, tuple(t.shape)))
                 flags.append(_Flag(i, j))
     return specs, flags, attn
 
 
-def _check_dtype(name: str, t: torch.Tensor, expected: torch.dtype) -> None:
-    if t.dtype != expected:
-        raise ModelLoadError(f"cache buffer {name} materialised as {t.dtype}, expected {expected}")
+def _check_dtype(name: str, t: torch.Tensor, *allowed: torch.dtype) -> None:
+    if t.dtype not in allowed:
+        raise ModelLoadError(f"cache buffer {name} materialised as {t.dtype}, expected "
+                             + " or ".join(str(d) for d in allowed))
 
 
 def _point_cache_at(cache: Any, live: LiveState) -> None:

@@ -5,11 +5,27 @@ the pipeline (capsule_ros.runtime.pipeline), and outcomes are converted to messa
 node knows nothing of buffers or capsules beyond the verbs of the ``~/capsule`` service.
 
 Topics and services (relative to the node):
-  ~/actions  capsule_ros/msg/ActionChunk   one per answered query
+  ~/actions  capsule_ros/msg/ActionChunk   one per answered query of a continuous-head stream
+  ~/text     capsule_ros/msg/TextChunk     one per answered query of a token-head stream
+  ~/joint_trajectory trajectory_msgs/JointTrajectory  only with actuation.enabled (see below)
   ~/status   capsule_ros/msg/Status        bad input, refused restores, context policy, ...
   ~/query    capsule_ros/msg/Query         explicit query on a stream (unknown stream -> Status)
   ~/capsule  capsule_ros/srv/CapsuleOp     list, stats, rollback, reset, fork, pin, unpin, drop
   /diagnostics diagnostic_msgs/DiagnosticArray, once a second
+
+Actuation (off by default; ``actuation.enabled: true`` turns it on): the continuous actions of
+``actuation.stream`` also go out as a JointTrajectory, through ``ActuationGuard`` (limits,
+staleness, rate cap; every clamp or drop is a coded Status on ~/status). Parameters (parallel
+lists, since ROS parameters hold no dicts):
+  actuation.stream           the stream (continuous head, dof = len(joint_names))
+  actuation.joint_names      [j0, j1, ...]
+  actuation.position_limits  [lo0, hi0, lo1, hi1, ...] (2 per joint; omit for none)
+  actuation.velocity_limits  [v0, v1, ...] rad/s or m/s (1 per joint; omit for none)
+  actuation.mode             clamp | reject              (default clamp)
+  actuation.max_age_ms       trigger stamp vs node clock (default 200)
+  actuation.max_rate_hz      cap on passed commands      (default 0 = none)
+  actuation.frame_id         header.frame_id of the trajectory (default "")
+When disabled the trajectory publisher is not even created.
 """
 from __future__ import annotations
 
@@ -17,6 +33,7 @@ import array
 import json
 import statistics
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import rclpy
@@ -24,15 +41,17 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
-from capsule_ros.msg import ActionChunk, Query, Status
+from capsule_ros.msg import ActionChunk, Query, Status, TextChunk
 from capsule_ros.srv import CapsuleOp
 
 from ..capsule import CapsuleError
-from ..config import NODE_NAME, from_params
+from ..config import NODE_NAME, ConfigError, NodeConfig, from_params
+from ..policy.heads import ContinuousActionHead
+from ..policy.safety import ActuationGuard
 from ..runtime.engine import stats as engine_stats
-from ..runtime.pipeline import Answer, Failure, Outcome, Pipeline
+from ..runtime.pipeline import ActionOutput, Answer, Failure, Outcome, Pipeline
 from ..status_codes import CapsuleRosError, Code
-from .convert import import_type, to_action_chunk, to_status
+from .convert import import_type, time_msg, to_action_chunk, to_status, to_text_chunk
 
 ANSWER_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE,
                         history=HistoryPolicy.KEEP_LAST)
@@ -40,6 +59,57 @@ ANSWER_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE,
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, (array.array, tuple)) else value
+
+
+ACTUATION_KEYS = ("stream", "joint_names", "position_limits", "velocity_limits", "mode",
+                  "max_age_ms", "max_rate_hz", "frame_id")
+
+
+@dataclass
+class Actuation:
+    stream: str
+    joint_names: list[str]
+    guard: ActuationGuard
+    frame_id: str = ""
+
+
+def build_actuation(config: NodeConfig, heads: dict[str, Any]) -> Actuation | None:
+    """The actuation section as a guard, or None when disabled. Mistakes are ConfigErrors."""
+    if not config.actuation.enabled:
+        return None
+    opts = dict(config.actuation.options)
+    unknown = sorted(set(opts) - set(ACTUATION_KEYS))
+    if unknown:
+        raise ConfigError(f"actuation: unknown parameter(s) {unknown}; known: {list(ACTUATION_KEYS)}")
+    stream = str(opts.get("stream", ""))
+    if stream not in config.streams:
+        raise ConfigError(f"actuation.stream {stream!r} is not a configured stream")
+    head = heads[stream]
+    if not isinstance(head, ContinuousActionHead):
+        raise ConfigError(f"actuation.stream {stream!r} has no continuous head")
+    joints = [str(j) for j in opts.get("joint_names") or []]
+    if len(joints) != head.dof:
+        raise ConfigError(f"actuation.joint_names has {len(joints)} names, stream {stream!r} "
+                          f"has dof {head.dof}")
+    pos = [float(v) for v in opts.get("position_limits") or []]
+    if pos and len(pos) != 2 * len(joints):
+        raise ConfigError(f"actuation.position_limits needs lo, hi per joint ({2 * len(joints)} "
+                          f"values), got {len(pos)}")
+    vel = [float(v) for v in opts.get("velocity_limits") or []]
+    if vel and len(vel) != len(joints):
+        raise ConfigError(f"actuation.velocity_limits needs one value per joint ({len(joints)}), "
+                          f"got {len(vel)}")
+    try:
+        guard = ActuationGuard(
+            joints,
+            position_limits={j: (pos[2 * i], pos[2 * i + 1]) for i, j in enumerate(joints)} if pos else None,
+            velocity_limits=dict(zip(joints, vel)) if vel else None,
+            mode=str(opts.get("mode", "clamp")),
+            max_age_ms=float(opts.get("max_age_ms", 200.0)),
+            max_rate_hz=float(opts.get("max_rate_hz", 0.0)))
+    except ValueError as e:
+        raise ConfigError(f"actuation: {e}") from e
+    return Actuation(stream, joints, guard, str(opts.get("frame_id", "")))
 
 
 class CapsuleNode(Node):
@@ -55,7 +125,17 @@ class CapsuleNode(Node):
                                       "policy.safetensors was given, actions mean nothing")
         self.errors: dict[str, int] = {name: 0 for name in self.config.streams}
         self.actions_pub = self.create_publisher(ActionChunk, "~/actions", ANSWER_QOS)
+        self.text_pub = self.create_publisher(TextChunk, "~/text", ANSWER_QOS)
         self.status_pub = self.create_publisher(Status, "~/status", ANSWER_QOS)
+        self.actuation = build_actuation(self.config, self.pipeline.heads)
+        self.trajectory_pub = None
+        if self.actuation is not None:
+            from trajectory_msgs.msg import JointTrajectory
+            self.trajectory_pub = self.create_publisher(JointTrajectory, "~/joint_trajectory",
+                                                        ANSWER_QOS)
+            self.get_logger().warning(
+                f"actuation ENABLED: stream {self.actuation.stream!r} -> ~/joint_trajectory "
+                f"(joints {self.actuation.joint_names}, mode {self.actuation.guard.mode})")
         # Context inputs subscribe before triggers: rclpy's executor serves ready subscriptions
         # in creation order, so a context message that arrived with a trigger is taken first.
         triggers = {s.trigger for s in self.config.streams.values()}
@@ -99,13 +179,34 @@ class CapsuleNode(Node):
 
     def _publish(self, outcome: Outcome) -> None:
         if isinstance(outcome, Answer):
-            self.actions_pub.publish(to_action_chunk(outcome))
+            if isinstance(outcome.output, ActionOutput):
+                self.actions_pub.publish(to_action_chunk(outcome))
+                if self.actuation is not None and outcome.stream == self.actuation.stream:
+                    self._actuate(outcome)
+            else:
+                self.text_pub.publish(to_text_chunk(outcome))
             return
         if outcome.stream in self.errors and outcome.code >= 100 and outcome.code < 300:
             self.errors[outcome.stream] += 1
         log = self.get_logger().warning if outcome.code < 900 else self.get_logger().error
         log(f"[{outcome.stream}#{outcome.request_id}] {Code(outcome.code).name}: {outcome.text}")
         self.status_pub.publish(to_status(outcome, self._now_ns()))
+
+    def _actuate(self, answer: Answer) -> None:
+        """The guard's verdict on a continuous answer: a JointTrajectory, and/or coded Status."""
+        from .trajectory import to_joint_trajectory
+
+        act = self.actuation
+        now_ns = self._now_ns()
+        result = act.guard.check(answer.output.values, answer.output.step_period,
+                                 observation_age_ms=(now_ns - answer.stamp_ns) / 1e6,
+                                 now_s=now_ns / 1e9)
+        for code, text in result.events:
+            self._publish(Failure(answer.stream, answer.request_id, code, text))
+        if result.command is not None:
+            self.trajectory_pub.publish(to_joint_trajectory(
+                result.command, act.joint_names, answer.output.step_period,
+                time_msg(answer.stamp_ns), act.frame_id))
 
     def _on_capsule_op(self, request: CapsuleOp.Request, response: CapsuleOp.Response):
         engine = self.pipeline.engine

@@ -5,6 +5,10 @@ a bad message yields a ``Failure`` and changes nothing. A context input's embedd
 that stream's pending context; a trigger runs a query on every stream it triggers: restore,
 append (pending context, then the trigger), act, publish (the caller's callback), commit.
 
+Both head kinds go through that one path and one ``Answer``: a continuous head's ``output`` is an
+``ActionOutput`` (chunk + step period), a token head's a ``TextOutput`` (ids, text, why it
+stopped). A token head decodes inside the query, before publish and commit (see ``_TokenAct``).
+
 The node and ``capsule_ros.demo``'s offline run call exactly this, so a bag replayed through ROS
 and the same messages fed offline give the same actions.
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +27,7 @@ import torch
 from ..config import NodeConfig, resolve
 from ..models import HybridModel, ModelSpec
 from ..policy.encoders import build_encoder
-from ..policy.heads import ContinuousActionHead, build_head
+from ..policy.heads import ContinuousActionHead, TokenSampler, build_head
 from ..policy.weights import load_policy_weights, policy_weights_path
 from ..status_codes import CapsuleRosError, Code
 from .engine import Engine, QueryResult
@@ -30,20 +35,49 @@ from .engine import Engine, QueryResult
 log = logging.getLogger("capsule_ros")
 
 
+@dataclass(frozen=True)
+class ActionOutput:
+    """A continuous head's chunk: ``values`` ``[horizon, dof]``, one row every ``step_period`` s."""
+
+    values: np.ndarray
+    step_period: float
+    kind = "continuous"
+
+
+@dataclass(frozen=True)
+class TextOutput:
+    """A token head's continuation: the ids sampled after the query, and their text."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    stop: str                    # "eos" | "max_new_tokens" | "context" (no room left)
+    kind = "tokens"
+
+
 @dataclass
 class Answer:
+    """One answered query, whatever the stream's head: ``output`` is an ActionOutput or a TextOutput."""
+
     stream: str
     request_id: int
-    actions: np.ndarray          # [horizon, dof]
-    step_period: float
+    output: ActionOutput | TextOutput
     position: int                # boundary committed by this query
     stamp_ns: int                # trigger header stamp, or receive time (flagged)
     stamp_is_receive_time: bool
     restore_ms: float
     append_ms: float
-    act_ms: float
+    act_ms: float                # head, including every decode step of a token head
     prev_commit_ms: float        # this stream's previous commit (commit runs after publishing)
     events: list[tuple[Code, str]] = field(default_factory=list)
+
+    # continuous-head shorthands (None for a token head)
+    @property
+    def actions(self) -> np.ndarray | None:
+        return self.output.values if isinstance(self.output, ActionOutput) else None
+
+    @property
+    def step_period(self) -> float | None:
+        return self.output.step_period if isinstance(self.output, ActionOutput) else None
 
 
 @dataclass
@@ -65,14 +99,108 @@ class _StreamState:
     last_commit_ms: float = 0.0
 
 
+Head = ContinuousActionHead | TokenSampler
+
+
+class TextCodec:
+    """Token ids -> text: the checkpoint tokenizer's ``decode`` when there is one, else the mirror
+    of the text encoder's byte-level fallback (id - byte_offset as a utf-8 byte; ids outside
+    [byte_offset, byte_offset + 256) and end-of-sequence ids are skipped, bad utf-8 is replaced).
+    """
+
+    def __init__(self, tokenizer: Any = None, byte_offset: int = 0,
+                 eos_ids: frozenset[int] = frozenset()) -> None:
+        self.tokenizer, self.byte_offset, self.eos_ids = tokenizer, int(byte_offset), eos_ids
+
+    def decode(self, ids: list[int] | tuple[int, ...]) -> str:
+        if self.tokenizer is not None:
+            return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        raw = bytes(i - self.byte_offset for i in ids
+                    if i not in self.eos_ids and 0 <= i - self.byte_offset < 256)
+        return raw.decode("utf-8", errors="replace")
+
+
+class _ContinuousAct:
+    """A continuous head: the whole act happens on the query's last hidden state."""
+
+    def __init__(self, head: ContinuousActionHead) -> None:
+        self.head = head
+
+    def first(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden)
+
+    def finish(self, first: torch.Tensor) -> ActionOutput:
+        return ActionOutput(first.detach().cpu().numpy(), self.head.step_period)
+
+
+class _TokenAct:
+    """A token head: the first token from the query's last hidden state (inside ``engine.query``),
+    then decode (after it, before commit): each sampled token, as the model's own embedding, is
+    fed back with ``engine.extend`` until EOS, ``max_new_tokens`` or the context limit. Every
+    emitted token is fed back, so the committed boundary holds the whole answer and the next query
+    continues after it.
+
+    Randomness: a ``torch.Generator`` whose state lives in ``engine.meta_tensors["rng"]``,
+    restored with the stream's capsule at the start of act and committed with the new boundary;
+    a stream without one (new, or reset to empty) seeds it from the head's ``seed``. So a restored
+    or rolled-back stream samples the same continuation.
+    """
+
+    RNG_KEY = "rng"
+
+    def __init__(self, sampler: TokenSampler, engine: Engine, codec: TextCodec) -> None:
+        self.sampler, self.engine, self.codec = sampler, engine, codec
+        self.model: HybridModel = engine.model
+        self.generator: torch.Generator | None = None
+
+    def _restore_generator(self) -> torch.Generator | None:
+        if self.sampler.greedy:
+            return None
+        device = self.model.live.device
+        state = self.engine.meta_tensors.get(self.RNG_KEY)
+        if state is None:
+            return self.sampler.new_generator(device)
+        gen = torch.Generator(device=device)
+        gen.set_state(state.clone())
+        return gen
+
+    def first(self, hidden: torch.Tensor) -> int:
+        self.generator = self._restore_generator()
+        return self.sampler.pick(self.model.logits(hidden), self.generator)
+
+    def finish(self, token: int) -> TextOutput:
+        ids = [token]
+        eos = self.model.eos_token_ids
+        stop = "max_new_tokens"
+        with torch.no_grad():
+            while True:
+                if self.model.position + 1 > self.model.max_len:
+                    stop = "context"
+                    break
+                hidden = self.engine.extend(self.model.embed_tokens([ids[-1]]), source="decode")
+                if ids[-1] in eos:
+                    stop = "eos"
+                    break
+                if len(ids) >= self.sampler.max_new_tokens:
+                    break
+                ids.append(self.sampler.pick(self.model.logits(hidden[-1]), self.generator))
+        if self.generator is not None:
+            self.engine.meta_tensors[self.RNG_KEY] = self.generator.get_state()
+        return TextOutput(tuple(ids), self.codec.decode(ids), stop)
+
+
 class Pipeline:
     def __init__(self, config: NodeConfig, engine: Engine, encoders: dict[str, Any],
-                 heads: dict[str, ContinuousActionHead], policy_weights_loaded: bool) -> None:
+                 heads: dict[str, Head], policy_weights_loaded: bool,
+                 tokenizer: Any = None) -> None:
         self.config = config
         self.engine = engine
         self.encoders = encoders
         self.heads = heads
         self.policy_weights_loaded = policy_weights_loaded
+        text = [e for e in encoders.values() if getattr(e, "kind", "") == "text"]
+        self.codec = TextCodec(tokenizer, text[0].byte_offset if text else 0,
+                               engine.model.eos_token_ids)
         self.streams = {name: _StreamState() for name in config.streams}
         # Latencies per stream, for summaries and diagnostics: name -> list of dicts.
         self.latencies: dict[str, list[dict[str, float]]] = {name: [] for name in config.streams}
@@ -91,22 +219,22 @@ class Pipeline:
                         rebase_window=config.capsules.rebase_window)
         hidden = model.hidden_size
         encoders = {name: build_encoder(name, dict(spec.encoder), hidden, m.seed,
-                                        token_embedding=model.token_embedding())
+                                        token_embedding=model.token_embedding(),
+                                        tokenizer=model.tokenizer)
                     for name, spec in config.inputs.items()}
-        heads = {}
+        heads: dict[str, Head] = {}
         for name, s in config.streams.items():
             head_spec = dict(s.head)
             head_spec["head"] = head_spec.pop("kind", "continuous")
-            if head_spec["head"] != "continuous":
-                raise ValueError(f"streams.{name}.head: only 'continuous' heads are wired to the node")
             heads[name] = build_head(head_spec, hidden, m.seed, name=f"head.{name}")
         weights_file = m.policy_weights or (str(policy_weights_path(m.path)) if m.path else "")
         modules = {f"encoders.{k}": v for k, v in encoders.items()}
-        modules.update({f"head.{k}": v for k, v in heads.items()})
+        # token samplers have no weights (they use the model's own LM head)
+        modules.update({f"head.{k}": v for k, v in heads.items() if isinstance(v, torch.nn.Module)})
         loaded = load_policy_weights(modules, resolve(weights_file) if weights_file else None)
         for module in modules.values():
             module.eval()
-        return cls(config, engine, encoders, heads, loaded)
+        return cls(config, engine, encoders, heads, loaded, tokenizer=model.tokenizer)
 
     def fork(self, source: str, new_stream: str) -> None:
         """A new stream from ``source``'s boundary, queried through ``~/query`` (no trigger)."""
@@ -172,24 +300,31 @@ class Pipeline:
             publish(Failure(stream, request_id, Code.NO_OBSERVATION, "nothing to append"))
             return
         embeds = torch.cat(parts)
-        head = self.heads[stream]
+        act = self._act_for(self.heads[stream])
         try:
-            result: QueryResult = self.engine.query(stream, embeds, act=head, source=source)
+            result: QueryResult = self.engine.query(stream, embeds, act=act.first, source=source)
+            t0 = time.perf_counter()
+            output = act.finish(result.output)
+            decode_ms = (time.perf_counter() - t0) * 1e3
         except CapsuleRosError as e:
-            self.engine.abort()
+            self.engine.abort()  # the stream keeps its previous boundary
             publish(Failure(stream, request_id, e.code, e.text))
             return
         state.pending.clear()  # the context went into this boundary
-        answer = Answer(stream, request_id, result.output.detach().cpu().numpy(),
-                        head.step_period, result.position, stamp_ns, stamp_is_receive_time,
-                        result.restore_ms, result.append_ms, result.act_ms, state.last_commit_ms,
-                        result.events)
+        answer = Answer(stream, request_id, output, self.engine.model.position, stamp_ns,
+                        stamp_is_receive_time, result.restore_ms, result.append_ms,
+                        result.act_ms + decode_ms, state.last_commit_ms, result.events)
         for code, text in result.events:
             publish(Failure(stream, request_id, code, text))
         publish(answer)
         state.last_commit_ms = self.engine.commit()
-        self.latencies[stream].append({"restore_ms": result.restore_ms, "append_ms": result.append_ms,
-                                       "act_ms": result.act_ms, "commit_ms": state.last_commit_ms})
+        self.latencies[stream].append({"restore_ms": answer.restore_ms, "append_ms": answer.append_ms,
+                                       "act_ms": answer.act_ms, "commit_ms": state.last_commit_ms})
+
+    def _act_for(self, head: Head) -> _ContinuousAct | _TokenAct:
+        if isinstance(head, TokenSampler):
+            return _TokenAct(head, self.engine, self.codec)
+        return _ContinuousAct(head)
 
 
 def _stamp_of(msg: Any, receive_ns: int) -> tuple[int, bool]:
