@@ -1,0 +1,389 @@
+"""The file tier: one safetensors file per capsule, written atomically, verified on load.
+
+File ``<name>.capsule.safetensors`` holds the tensors
+
+* ``kv.<dtype>``      the valid KV rows ``[0, position)`` of each KV region, compacted
+                      (absent when ``position == 0``);
+* ``state.<dtype>``   each constant-size region (conv + recurrent state);
+* ``meta.<name>``     each metadata tensor (e.g. a sampler's RNG state);
+* ``journal.<i>``     the embeddings of journal entry ``i`` (rebase / verify after a restart);
+
+and, in the safetensors metadata (str -> str), two entries:
+
+* ``capsule_ros``         one JSON header: format name and version, fingerprint, layout
+                          (``StateLayout.describe()``), position, meta, journal sources, and per
+                          tensor its dtype, shape and sha256;
+* ``capsule_ros.sha256``  the sha256 of that header text, so a flipped byte in the header is
+                          caught as surely as one in the payload.
+
+A save writes a temp file in the same directory (``.<name>.capsule.safetensors.<pid>.<n>.tmp``),
+flushes and fsyncs it, renames it onto the final name (atomic) and fsyncs the directory. A crash at
+any point leaves either the previous file or the new one, never a torn one. Stale temp files are
+ignored by ``load_capsule`` and removed by the next save of the same name.
+
+A load parses and checks everything before it builds the capsule: a refused load raises
+``CapsuleFileError`` (a ``CapsuleError``) naming the problem, and has no effect.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import signal
+import struct
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import torch
+
+from ..status_codes import Code
+from .capsule import Capsule, CapsuleError, JournalEntry, KVSegment
+from .fingerprint import Fingerprint
+from .layout import Kind, StateLayout, dtype_from_name, dtype_name, region_key
+
+FORMAT = "capsule_ros.capsule"
+FORMAT_VERSION = 1
+SUFFIX = ".capsule.safetensors"
+HEADER_KEY = "capsule_ros"
+HEADER_SHA_KEY = "capsule_ros.sha256"
+CRASH_ENV = "CAPSULE_ROS_CRASH_AT"
+CRASH_POINTS = ("tmp_written", "tmp_synced", "renamed", "dir_synced")
+
+_tmp_counter = itertools.count()
+
+
+class CapsuleFileError(CapsuleError):
+    """A capsule file was refused (or could not be written); nothing was changed."""
+
+    code = Code.CAPSULE_REFUSED
+
+
+class CapsuleNotFound(CapsuleFileError):
+    code = Code.CAPSULE_NOT_FOUND
+
+
+def _crash_point(tag: str) -> None:
+    """Crash-injection hook for tests: SIGKILL this process at the named step of a save."""
+    if os.environ.get(CRASH_ENV) == tag:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- names and paths -----------------------------------------------------------------------
+def capsule_path(directory: str | os.PathLike, name: str) -> Path:
+    """The file of capsule ``name`` in ``directory``; refuses names that could escape it."""
+    from .store import check_name  # late: store imports the tiers, which import this module
+
+    try:
+        check_name(name)
+    except CapsuleError as e:
+        raise CapsuleFileError(str(e)) from None
+    root = Path(directory)
+    path = root / f"{name}{SUFFIX}"
+    if path.resolve().parent != root.resolve():
+        raise CapsuleFileError(f"capsule name {name!r} resolves outside {str(root)!r}")
+    return path
+
+
+def _tmp_prefix(name: str) -> str:
+    return f".{name}{SUFFIX}."
+
+
+def stale_temps(directory: str | os.PathLike, name: str) -> list[Path]:
+    """Temp files a crashed save of ``name`` left behind."""
+    prefix = _tmp_prefix(name)
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp"))
+
+
+def list_capsules(directory: str | os.PathLike) -> list[str]:
+    """Names of the capsule files in ``directory`` (temp files excluded)."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        if p.name.endswith(SUFFIX) and not p.name.startswith("."):
+            out.append(p.name[: -len(SUFFIX)])
+    return sorted(out)
+
+
+# -- tensors and checksums -----------------------------------------------------------------
+def tensor_sha256(t: torch.Tensor) -> str:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    if t.numel() == 0:
+        return hashlib.sha256(b"").hexdigest()
+    return hashlib.sha256(t.view(torch.uint8).numpy().data).hexdigest()
+
+
+def _host_kv(capsule: Capsule) -> dict[str, torch.Tensor]:
+    """The valid KV rows of each region as one contiguous CPU tensor (no device-side concat)."""
+    if not capsule.kv:
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    for key in capsule.kv[0].rows:
+        first = capsule.kv[0].rows[key]
+        dst = torch.empty((capsule.position, *first.shape[1:]), dtype=first.dtype)
+        for seg in capsule.kv:
+            dst[seg.start:seg.stop].copy_(seg.rows[key])
+        out[key] = dst
+    return out
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return (t.cpu() if t.device.type != "cpu" else t).contiguous()
+
+
+def capsule_tensors(capsule: Capsule) -> dict[str, torch.Tensor]:
+    """Every tensor of a capsule as it goes into a file (CPU, contiguous)."""
+    tensors: dict[str, torch.Tensor] = {}
+    tensors.update(_host_kv(capsule))
+    for key, t in capsule.state.items():
+        tensors[key] = _cpu(t)
+    for key, t in capsule.meta_tensors.items():
+        tensors[f"meta.{key}"] = _cpu(t)
+    for i, entry in enumerate(capsule.journal):
+        tensors[f"journal.{i}"] = _cpu(entry.embeds)
+    # safetensors refuses tensors sharing storage; give each its own where they do.
+    seen: set[int] = set()
+    for k, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in seen:
+            tensors[k] = t.clone()
+        seen.add(ptr)
+    return tensors
+
+
+def _header(capsule: Capsule, layout: StateLayout, tensors: Mapping[str, torch.Tensor]) -> str:
+    try:
+        meta = json.loads(json.dumps(dict(capsule.meta)))
+    except (TypeError, ValueError) as e:
+        raise CapsuleFileError(f"capsule meta is not JSON-able: {e}") from None
+    header = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "fingerprint": capsule.fingerprint.to_dict(),
+        "layout": layout.describe(),
+        "position": capsule.position,
+        "meta": meta,
+        "meta_tensors": sorted(capsule.meta_tensors),
+        "journal": [{"source": e.source} for e in capsule.journal],
+        "tensors": {k: {"dtype": dtype_name(t.dtype), "shape": list(t.shape),
+                        "sha256": tensor_sha256(t)} for k, t in sorted(tensors.items())},
+    }
+    return json.dumps(header)  # key order kept: meta round-trips in its own order
+
+
+# -- save ----------------------------------------------------------------------------------
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_capsule(capsule: Capsule, directory: str | os.PathLike, name: str,
+                 layout: StateLayout) -> Path:
+    """Write ``capsule`` as ``directory/<name>.capsule.safetensors`` atomically; return the path."""
+    from safetensors.torch import save_file
+
+    root = Path(directory)
+    path = capsule_path(root, name)
+    if capsule.fingerprint.layout != layout.digest():
+        raise CapsuleFileError(f"capsule {name!r} was made for another layout "
+                               f"({capsule.fingerprint.layout} != {layout.digest()})")
+    root.mkdir(parents=True, exist_ok=True)
+    tensors = capsule_tensors(capsule)
+    header = _header(capsule, layout, tensors)
+    metadata = {HEADER_KEY: header, HEADER_SHA_KEY: hashlib.sha256(header.encode()).hexdigest()}
+
+    for stale in stale_temps(root, name):  # a crashed earlier save of this name
+        try:
+            stale.unlink()
+        except FileNotFoundError:
+            pass
+    tmp = root / f"{_tmp_prefix(name)}{os.getpid()}.{next(_tmp_counter)}.tmp"
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        _crash_point("tmp_written")
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _crash_point("tmp_synced")
+        os.replace(tmp, path)
+        _crash_point("renamed")
+        _fsync_dir(root)
+        _crash_point("dir_synced")
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+# -- load ----------------------------------------------------------------------------------
+def _read_file(path: Path) -> tuple[dict, bytes]:
+    """The safetensors header (parsed) and the raw payload; refuses short or malformed files."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CapsuleNotFound(f"capsule file {str(path)!r} not found") from None
+    except OSError as e:
+        raise CapsuleFileError(f"capsule file {str(path)!r} unreadable: {e}") from None
+    if len(data) < 8:
+        raise CapsuleFileError(f"capsule file {str(path)!r} is truncated ({len(data)} bytes)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if 8 + n > len(data):
+        raise CapsuleFileError(f"capsule file {str(path)!r} is truncated (header of {n} bytes, "
+                               f"file of {len(data)})")
+    try:
+        st_header = json.loads(data[8:8 + n])
+        assert isinstance(st_header, dict)
+    except Exception:
+        raise CapsuleFileError(f"capsule file {str(path)!r}: corrupted safetensors header") from None
+    payload = 8 + n
+    end = max((v["data_offsets"][1] for k, v in st_header.items()
+               if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+    if payload + end > len(data):
+        raise CapsuleFileError(f"capsule file {str(path)!r} is truncated (payload needs "
+                               f"{payload + end} bytes, file has {len(data)})")
+    if payload + end < len(data):
+        raise CapsuleFileError(f"capsule file {str(path)!r} has {len(data) - payload - end} "
+                               "trailing bytes (corrupted)")
+    return st_header, data
+
+
+def _check_header(path: Path, st_header: dict) -> dict:
+    meta = st_header.get("__metadata__") or {}
+    text = meta.get(HEADER_KEY)
+    if not isinstance(text, str):
+        raise CapsuleFileError(f"{str(path)!r} is not a capsule_ros capsule file (no header)")
+    if hashlib.sha256(text.encode()).hexdigest() != meta.get(HEADER_SHA_KEY):
+        raise CapsuleFileError(f"{str(path)!r}: header checksum mismatch (corrupted)")
+    try:
+        header = json.loads(text)
+    except ValueError:
+        raise CapsuleFileError(f"{str(path)!r}: header is not JSON (corrupted)") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise CapsuleFileError(f"{str(path)!r} is not a capsule_ros capsule file")
+    if header.get("version") != FORMAT_VERSION:
+        raise CapsuleFileError(f"{str(path)!r}: format version {header.get('version')!r} "
+                               f"not supported (this build reads version {FORMAT_VERSION})")
+    return header
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The verified JSON header of a capsule file (no tensors read beyond the file itself)."""
+    path = Path(path)
+    st_header, _ = _read_file(path)
+    return _check_header(path, st_header)
+
+
+def _resolve(path_or_dir_and_name: Any) -> Path:
+    if isinstance(path_or_dir_and_name, tuple):
+        directory, name = path_or_dir_and_name
+        return capsule_path(directory, name)
+    path = Path(path_or_dir_and_name)
+    if not path.name.endswith(SUFFIX):
+        raise CapsuleFileError(f"{str(path)!r} is not a capsule file name (*{SUFFIX})")
+    return capsule_path(path.parent, path.name[: -len(SUFFIX)])
+
+
+def load_capsule(path_or_dir_and_name: Any, expected: Fingerprint, layout: StateLayout,
+                 device: torch.device | str = "cpu") -> Capsule:
+    """Read and verify a capsule file: ``path`` or ``(directory, name)``.
+
+    Checks, in order: the file is whole, the header checksum, format and version, the
+    fingerprint (the error names the differing parts, e.g. ``weights``), the layout, every
+    tensor's dtype, shape and sha256 against the header and the layout. Only then is a capsule
+    built (tensors moved to ``device``). Any failure raises ``CapsuleFileError``.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    path = _resolve(path_or_dir_and_name)
+    st_header, data = _read_file(path)
+    header = _check_header(path, st_header)
+    try:
+        fp = Fingerprint.from_dict(header["fingerprint"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise CapsuleFileError(f"{str(path)!r}: bad fingerprint in header ({e})") from None
+    diff = expected.diff(fp)
+    if diff:
+        raise CapsuleFileError(f"{str(path)!r}: capsule does not match this model: differs in "
+                               + ", ".join(diff))
+    if header.get("layout") != layout.describe():
+        raise CapsuleFileError(f"{str(path)!r}: capsule layout differs from this model's layout")
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, Exception) as e:  # noqa: B014 - any parse failure is a refusal
+        raise CapsuleFileError(f"{str(path)!r}: corrupted payload ({e})") from None
+    declared = header.get("tensors", {})
+    if set(declared) != set(tensors):
+        raise CapsuleFileError(f"{str(path)!r}: tensors {sorted(set(declared) ^ set(tensors))} "
+                               "do not match the header")
+    for key, t in tensors.items():
+        d = declared[key]
+        if d.get("dtype") != dtype_name(t.dtype) or d.get("shape") != list(t.shape):
+            raise CapsuleFileError(f"{str(path)!r}: tensor {key!r} dtype/shape differs from the header")
+        if tensor_sha256(t) != d.get("sha256"):
+            raise CapsuleFileError(f"{str(path)!r}: checksum mismatch in tensor {key!r} (corrupted)")
+    return _build(path, header, tensors, fp, layout, torch.device(device))
+
+
+def _build(path: Path, header: dict, tensors: dict[str, torch.Tensor], fp: Fingerprint,
+           layout: StateLayout, device: torch.device) -> Capsule:
+    where = str(path)
+    position = header.get("position")
+    if not isinstance(position, int) or not 0 <= position <= layout.max_len:
+        raise CapsuleFileError(f"{where!r}: position {position!r} outside [0, {layout.max_len}]")
+    expected_shapes: dict[str, list[int]] = {}
+    for kv in (True, False):
+        for dtype in layout.dtypes(kv):
+            members = [s for s in layout.specs if (s.kind is Kind.KV) == kv and s.dtype == dtype]
+            width = sum(s.row_elems for s in members)
+            key = region_key(kv, dtype)
+            if kv and position == 0:
+                continue
+            expected_shapes[key] = [position, width] if kv else [width]
+    for key, shape in expected_shapes.items():
+        t = tensors.get(key)
+        if t is None or list(t.shape) != shape:
+            raise CapsuleFileError(f"{where!r}: region {key!r} missing or of the wrong shape")
+        dtype = dtype_from_name(key.split(".", 1)[1])
+        if t.dtype != dtype:
+            raise CapsuleFileError(f"{where!r}: region {key!r} has dtype {t.dtype}")
+    sources = header.get("journal", [])
+    meta_names = header.get("meta_tensors", [])
+    known = set(expected_shapes) | {f"meta.{m}" for m in meta_names} | {
+        f"journal.{i}" for i in range(len(sources))}
+    if known != set(tensors):
+        raise CapsuleFileError(f"{where!r}: unexpected or missing tensors "
+                               f"{sorted(known ^ set(tensors))}")
+
+    def dev(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device) if device.type != "cpu" else t
+
+    kv_keys = [k for k in expected_shapes if k.startswith("kv.")]
+    segs = (KVSegment(0, MappingProxyType({k: dev(tensors[k]) for k in kv_keys})),) if kv_keys else ()
+    state = MappingProxyType({k: dev(tensors[k]) for k in expected_shapes if k.startswith("state.")})
+    meta_tensors = MappingProxyType({m: tensors[f"meta.{m}"] for m in meta_names})
+    journal = tuple(JournalEntry(tensors[f"journal.{i}"], str(s.get("source", "")))
+                    for i, s in enumerate(sources))
+    meta = header.get("meta")
+    if not isinstance(meta, dict):
+        raise CapsuleFileError(f"{where!r}: meta is not an object")
+    return Capsule(fingerprint=fp, position=position, kv=segs, state=state,
+                   meta=MappingProxyType(meta), meta_tensors=meta_tensors, journal=journal)

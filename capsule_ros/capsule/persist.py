@@ -1,0 +1,153 @@
+"""Persist-on-commit, off the query path, and reload at start.
+
+``Persister.submit(stream, capsule)`` is O(1) on the caller's thread: it records the capsule as
+the stream's latest and wakes a background writer. The writer saves each stream's latest
+capsule (``files.save_capsule``: temp file, fsync, atomic rename, directory fsync) as
+``<directory>/<stream>.capsule.safetensors``. A stream committed again before its file was
+written is written once, with the newest capsule (the older one is *superseded*). Capsules are
+immutable, so the writer reads them without locks while the engine goes on.
+
+``flush()`` waits until everything submitted so far is on disk; ``close()`` flushes and stops the
+writer. ``load_all(expected)`` reads every persisted stream back, verified; files that fail any
+check are refused, reported in ``refused`` (and the log), and skipped, never fatal.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from .capsule import Capsule, CapsuleError
+from .files import list_capsules, load_capsule, save_capsule
+from .fingerprint import Fingerprint
+from .layout import StateLayout
+from .store import check_name
+
+log = logging.getLogger(__name__)
+
+
+class Persister:
+    def __init__(self, directory: str | os.PathLike, layout: StateLayout, *,
+                 on_error: Callable[[str, Exception], None] | None = None) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.layout = layout
+        self.on_error = on_error
+        self.counters = {"submitted": 0, "saved": 0, "superseded": 0, "failed": 0,
+                         "save_ms_last": 0.0, "save_ms_max": 0.0}
+        self.errors: dict[str, str] = {}           # stream -> last save error
+        self.refused: dict[str, str] = {}          # file name -> why load_all refused it
+        self._latest: dict[str, Capsule] = {}      # waiting to be written, newest per stream
+        self._cond = threading.Condition()
+        self._busy = 0                             # capsules being written right now
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="capsule-persist", daemon=True)
+        self._thread.start()
+
+    # -- query-path side -------------------------------------------------------------------
+    def submit(self, stream: str, capsule: Capsule | None) -> None:
+        """Persist ``capsule`` as ``stream``'s boundary (latest wins). None: nothing to write."""
+        check_name(stream)
+        if capsule is None:
+            return
+        with self._cond:
+            if self._closed:
+                raise CapsuleError("persister is closed")
+            if stream in self._latest:
+                self.counters["superseded"] += 1
+            self._latest[stream] = capsule
+            self.counters["submitted"] += 1
+            self._cond.notify_all()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._latest) + self._busy
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every capsule submitted so far is written (or failed). False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._latest or self._busy:
+                if not self._thread.is_alive():
+                    return False
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left if left is not None else 0.5)
+        return True
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush, then stop the writer. Idempotent."""
+        ok = self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        return ok
+
+    def __enter__(self) -> "Persister":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- writer ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._latest and not self._closed:
+                    self._cond.wait()
+                if not self._latest and self._closed:
+                    return
+                stream = next(iter(self._latest))
+                capsule = self._latest.pop(stream)
+                self._busy += 1
+            t0 = time.perf_counter()
+            try:
+                save_capsule(capsule, self.directory, stream, self.layout)
+            except Exception as e:  # a full disk must not take the node down
+                with self._cond:
+                    self.counters["failed"] += 1
+                    self.errors[stream] = str(e)
+                log.warning("persisting stream %r failed: %s", stream, e)
+                if self.on_error is not None:
+                    try:
+                        self.on_error(stream, e)
+                    except Exception:  # pragma: no cover - a callback's own failure
+                        log.exception("persist on_error callback failed")
+            else:
+                ms = (time.perf_counter() - t0) * 1e3
+                with self._cond:
+                    self.counters["saved"] += 1
+                    self.counters["save_ms_last"] = ms
+                    self.counters["save_ms_max"] = max(self.counters["save_ms_max"], ms)
+                    self.errors.pop(stream, None)
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                    self._cond.notify_all()
+
+    # -- start-up --------------------------------------------------------------------------
+    def load_all(self, expected: Fingerprint, device="cpu") -> dict[str, Capsule]:
+        """Every persisted stream's capsule, verified. Bad files are refused and reported in
+        ``self.refused`` (name -> reason), never raised."""
+        out: dict[str, Capsule] = {}
+        self.refused = {}
+        for name in list_capsules(self.directory):
+            try:
+                out[name] = load_capsule((self.directory, name), expected, self.layout, device=device)
+            except CapsuleError as e:
+                self.refused[name] = str(e)
+                log.warning("not reloading persisted stream %r: %s", name, e)
+            except Exception as e:  # pragma: no cover - anything unexpected is a refusal too
+                self.refused[name] = f"{type(e).__name__}: {e}"
+                log.warning("not reloading persisted stream %r: %s", name, e)
+        return out
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {**self.counters, "pending": len(self._latest) + self._busy,
+                    "errors": dict(self.errors)}
