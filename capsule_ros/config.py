@@ -54,6 +54,13 @@ class CapsuleConfig:
     history_depth: int = 8
     context_policy: str = "rebase"   # refuse | reset | rebase
     rebase_window: int = 8
+    directory: str = ""              # capsule files: ~/capsule save/load, persistence, file tier
+    persist_on_commit: bool = False  # write each stream's boundary after commit (background)
+    reload_at_start: bool = False    # streams start at their persisted boundary
+    device_budget_mb: float = 0.0    # tier byte budgets; 0 = unlimited
+    host_budget_mb: float = 0.0
+    file_budget_mb: float = 0.0
+    verify_every: int = 0            # recompute a stream cold every N commits and compare
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from ..config import NODE_NAME, ConfigError, NodeConfig, from_params
 from ..policy.heads import ContinuousActionHead
 from ..policy.safety import ActuationGuard
 from ..runtime.engine import stats as engine_stats
-from ..runtime.pipeline import ActionOutput, Answer, Failure, Outcome, Pipeline
+from ..runtime.pipeline import failure_from, ActionOutput, Answer, Failure, Outcome, Pipeline
 from ..status_codes import CapsuleRosError, Code
 from .convert import import_type, time_msg, to_action_chunk, to_status, to_text_chunk
 
@@ -225,20 +225,23 @@ class CapsuleNode(Node):
             elif op in ("pin", "unpin"):
                 engine.store.pin(stream, op == "pin")
             elif op == "drop":
-                if stream in self.config.streams:
+                if stream in self.config.streams and self.config.streams[stream].trigger:
                     raise CapsuleError(f"{stream!r} is a configured stream; reset it instead")
                 engine.drop(stream)
+            elif op == "save":
+                response.json = json.dumps({"path": self.pipeline.save(stream, request.target)})
+            elif op == "load":
+                self.pipeline.load(stream, request.target or stream)
             else:
                 raise CapsuleRosError(Code.BAD_INPUT, f"unknown op {op!r}")
-        except CapsuleError as e:
-            response.ok, response.code, response.message = False, int(Code.CAPSULE_REFUSED), str(e)
-            return response
-        except CapsuleRosError as e:
-            response.ok, response.code, response.message = False, int(e.code), e.text
+        except (CapsuleError, CapsuleRosError) as e:
+            failure = failure_from(stream, 0, e)
+            response.ok, response.code, response.message = False, int(failure.code), failure.text
+            self.get_logger().warning(f"~/capsule {op} {stream!r}: {failure.text}")
             return response
         response.ok, response.code = True, 0
-        current = engine.store.current(stream) if stream in engine.store else None
-        response.message = f"{op} ok" + (f"; {stream} at {current.position}" if current else "")
+        at = f"; {stream} at {engine.store.position(stream)}" if stream in engine.store else ""
+        response.message = f"{op} ok{at}"
         return response
 
     def _publish_diagnostics(self) -> None:
@@ -249,8 +252,8 @@ class CapsuleNode(Node):
             st.level = DiagnosticStatus.OK
             st.message = f"{len(rows)} queries, {self.errors.get(name, 0)} input errors"
             values = {"queries": len(rows), "errors": self.errors.get(name, 0)}
-            current = self.pipeline.engine.store.current(name)
-            values["position"] = current.position if current else 0
+            # position() reads no capsule back from a lower tier
+            values["position"] = self.pipeline.engine.store.position(name)
             for part in ("restore_ms", "append_ms", "act_ms", "commit_ms"):
                 if rows:
                     values[f"{part}_p50"] = round(statistics.median(r[part] for r in rows), 3)
@@ -272,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if node is not None:
+            node.pipeline.close()  # flush queued capsule writes
             node.destroy_node()
         rclpy.try_shutdown()
     return 0

@@ -24,6 +24,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..capsule import CapsuleError
+from ..capsule.persist import Persister
+from ..capsule.tiers import TierConfig
 from ..config import NodeConfig, resolve
 from ..models import HybridModel, ModelSpec
 from ..policy.encoders import build_encoder
@@ -202,6 +205,7 @@ class Pipeline:
         self.codec = TextCodec(tokenizer, text[0].byte_offset if text else 0,
                                engine.model.eos_token_ids)
         self.streams = {name: _StreamState() for name in config.streams}
+        self.persister: Persister | None = None
         # Latencies per stream, for summaries and diagnostics: name -> list of dicts.
         self.latencies: dict[str, list[dict[str, float]]] = {name: [] for name in config.streams}
         for name in config.streams:
@@ -214,9 +218,11 @@ class Pipeline:
                          path=m.path or None, seed=m.seed, dtype=m.dtype, device=m.device,
                          max_len=m.max_context)
         model = HybridModel.load(spec)
-        engine = Engine(model, history_depth=config.capsules.history_depth,
-                        chunk_size=m.chunk_size, context_policy=config.capsules.context_policy,
-                        rebase_window=config.capsules.rebase_window)
+        caps = config.capsules
+        engine = Engine(model, history_depth=caps.history_depth,
+                        chunk_size=m.chunk_size, context_policy=caps.context_policy,
+                        rebase_window=caps.rebase_window, verify_every=caps.verify_every)
+        _configure_tiers(engine, caps, m.device)
         hidden = model.hidden_size
         encoders = {name: build_encoder(name, dict(spec.encoder), hidden, m.seed,
                                         token_embedding=model.token_embedding(),
@@ -234,17 +240,63 @@ class Pipeline:
         loaded = load_policy_weights(modules, resolve(weights_file) if weights_file else None)
         for module in modules.values():
             module.eval()
-        return cls(config, engine, encoders, heads, loaded, tokenizer=model.tokenizer)
+        pipeline = cls(config, engine, encoders, heads, loaded, tokenizer=model.tokenizer)
+        if caps.persist_on_commit or caps.reload_at_start:
+            if not caps.directory:
+                raise ValueError("capsules.directory is required for persist_on_commit/reload_at_start")
+            pipeline.persister = Persister(resolve(caps.directory), model.live.layout)
+        if caps.reload_at_start:
+            pipeline.reload()
+        return pipeline
+
+    # -- capsule files ---------------------------------------------------------------------
+    def reload(self) -> list[str]:
+        """Streams start at their persisted boundaries; refused files are reported, not fatal."""
+        loaded = self.persister.load_all(self.engine.model.fingerprint, device=self.engine.live.device)
+        for stream, capsule in loaded.items():
+            if stream in self.streams:
+                self.engine.store.commit(stream, capsule)
+        for name, why in self.persister.refused.items():
+            log.warning("persisted capsule %s refused: %s", name, why)
+        return sorted(s for s in loaded if s in self.streams)
+
+    def save(self, stream: str, name: str = "") -> str:
+        """Write the stream's boundary to ``capsules.directory`` as ``<name or stream>``."""
+        directory = self._directory()
+        return str(self.engine.store.save(stream, directory, self.engine.live.layout, name=name or None))
+
+    def load(self, stream: str, name: str) -> int:
+        """Load ``<name>`` (verified) as the stream's boundary; a new stream is queryable by
+        ``~/query``. Returns the loaded position. A refused load changes nothing."""
+        capsule = self.engine.store.load(stream, (self._directory(), name),
+                                         self.engine.model.fingerprint, self.engine.live.layout,
+                                         device=self.engine.live.device)
+        if stream not in self.streams:
+            self._adopt(stream, like=next(iter(self.config.streams)))
+        return capsule.position
+
+    def close(self) -> None:
+        """Shutdown: only flush what is queued (persisting runs off the query path)."""
+        if self.persister is not None:
+            self.persister.close()
+
+    def _directory(self) -> str:
+        if not self.config.capsules.directory:
+            raise CapsuleError("capsules.directory is not set: no place for capsule files")
+        return resolve(self.config.capsules.directory)
 
     def fork(self, source: str, new_stream: str) -> None:
         """A new stream from ``source``'s boundary, queried through ``~/query`` (no trigger)."""
         self.engine.fork(source, new_stream)
-        spec = self.config.streams[source]
-        self.config.streams[new_stream] = dataclasses.replace(spec, name=new_stream, trigger="",
-                                                               context=())
-        self.heads[new_stream] = self.heads[source]
-        self.streams[new_stream] = _StreamState()
-        self.latencies[new_stream] = []
+        self._adopt(new_stream, like=source)
+
+    def _adopt(self, stream: str, like: str) -> None:
+        """Register a stream that has no trigger input (forked or loaded) with ``like``'s head."""
+        spec = self.config.streams[like]
+        self.config.streams[stream] = dataclasses.replace(spec, name=stream, trigger="", context=())
+        self.heads[stream] = self.heads[like]
+        self.streams[stream] = _StreamState()
+        self.latencies[stream] = []
 
     def describe(self) -> str:
         model = self.engine.model
@@ -306,9 +358,9 @@ class Pipeline:
             t0 = time.perf_counter()
             output = act.finish(result.output)
             decode_ms = (time.perf_counter() - t0) * 1e3
-        except CapsuleRosError as e:
+        except (CapsuleRosError, CapsuleError) as e:
             self.engine.abort()  # the stream keeps its previous boundary
-            publish(Failure(stream, request_id, e.code, e.text))
+            publish(failure_from(stream, request_id, e))
             return
         state.pending.clear()  # the context went into this boundary
         answer = Answer(stream, request_id, output, self.engine.model.position, stamp_ns,
@@ -317,7 +369,14 @@ class Pipeline:
         for code, text in result.events:
             publish(Failure(stream, request_id, code, text))
         publish(answer)
-        state.last_commit_ms = self.engine.commit()
+        try:
+            state.last_commit_ms = self.engine.commit()
+        except CapsuleError as e:  # e.g. over every tier budget: the previous boundary stays
+            self.engine.abort()
+            publish(failure_from(stream, request_id, e))
+            return
+        if self.persister is not None:
+            self.persister.submit(stream, self.engine.boundary(stream))
         self.latencies[stream].append({"restore_ms": answer.restore_ms, "append_ms": answer.append_ms,
                                        "act_ms": answer.act_ms, "commit_ms": state.last_commit_ms})
 
@@ -325,6 +384,25 @@ class Pipeline:
         if isinstance(head, TokenSampler):
             return _TokenAct(head, self.engine, self.codec)
         return _ContinuousAct(head)
+
+
+def failure_from(stream: str, request_id: int, e: Exception) -> Failure:
+    """A coded failure from an engine or store error (store errors carry their own code)."""
+    if isinstance(e, CapsuleRosError):
+        return Failure(stream, request_id, e.code, e.text)
+    return Failure(stream, request_id, Code(getattr(e, "code", Code.CAPSULE_REFUSED)), str(e))
+
+
+def _configure_tiers(engine: Engine, caps: Any, device: str) -> None:
+    """Byte budgets per tier, when any is set (0 = unlimited); the file tier needs a directory."""
+    mb = lambda v: int(v * 2**20) if v else None  # noqa: E731
+    if not (caps.device_budget_mb or caps.host_budget_mb or caps.file_budget_mb):
+        return
+    file_dir = str(Path(resolve(caps.directory)) / "tiers") if caps.directory else None
+    engine.store.configure_tiers(TierConfig(
+        device_bytes=mb(caps.device_budget_mb), host_bytes=mb(caps.host_budget_mb),
+        file_bytes=mb(caps.file_budget_mb), file_dir=file_dir, layout=engine.live.layout,
+        device=device))
 
 
 def _stamp_of(msg: Any, receive_ns: int) -> tuple[int, bool]:
