@@ -5,11 +5,18 @@ already hold it), append the new observation embeddings, act on the last hidden 
 the result back; the caller publishes, then calls ``commit`` to freeze the new boundary. Streams
 never see each other's state: every query starts from its own stream's capsule.
 
+Verify mode (``verify_every=N``): every N commits of a stream, its boundary is recomputed cold
+from its base and journal (same chunking) and compared buffer by buffer with the committed
+capsule (``runtime/verify.py``); a mismatch is counted (``verify_mismatches``), logged and kept
+as ``last_verify`` with the first divergence. It never raises on the query path, and leaves the
+live buffers holding the stream's boundary.
+
 This is where a query is scheduled. It knows buffers only through the model binding and the
 capsule mechanism, and nothing about ROS.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, TypeVar
@@ -20,9 +27,11 @@ from ..capsule import Capsule, CapsuleError, CapsuleStore, JournalEntry
 from ..capsule import capsule as capsule_ops
 from ..models.hybrid import HybridModel
 from ..status_codes import CapsuleRosError, Code
+from .verify import VerifyReport, compare_capsules
 
 T = TypeVar("T")
 POLICIES = ("refuse", "reset", "rebase")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,7 +56,9 @@ class _Pending:
 class Engine:
     def __init__(self, model: HybridModel, *, history_depth: int = 8, chunk_size: int = 64,
                  context_policy: str = "reset", rebase_window: int = 8,
-                 max_segments: int = 32) -> None:
+                 max_segments: int = 32, verify_every: int = 0, verify_atol: float = 0.0) -> None:
+        if verify_every < 0:
+            raise ValueError("verify_every must be >= 0")
         if context_policy not in POLICIES:
             raise ValueError(f"context_policy must be one of {POLICIES}, not {context_policy!r}")
         if chunk_size < 1:
@@ -58,8 +69,14 @@ class Engine:
         self.context_policy = context_policy
         self.rebase_window = rebase_window
         self.max_segments = max_segments
+        # Verify mode: every ``verify_every`` commits of a stream, recompute its boundary cold
+        # from the journal and compare buffer by buffer (bit-exact unless ``verify_atol`` > 0).
+        self.verify_every = verify_every
+        self.verify_atol = verify_atol
+        self.last_verify: VerifyReport | None = None
         self.counters = {"queries": 0, "restores": 0, "restores_skipped": 0, "commits": 0,
-                         "context_resets": 0, "context_rebases": 0}
+                         "context_resets": 0, "context_rebases": 0,
+                         "verifies": 0, "verify_mismatches": 0, "verify_errors": 0}
         self._pending: _Pending | None = None
         # The capsule the live buffers hold right now (None: dirty, e.g. mid-append).
         self._live_capsule: Capsule | None = None
@@ -147,7 +164,10 @@ class Engine:
         self.store.commit(p.stream, capsule)
         self._live_capsule = capsule
         self.counters["commits"] += 1
-        return (_now(self.live.device) - t0) * 1e3
+        ms = (_now(self.live.device) - t0) * 1e3
+        if self.verify_every and self.store.slot(p.stream).commits % self.verify_every == 0:
+            self._verify_quietly(p.stream)
+        return ms
 
     def abort(self) -> None:
         """Forget a query that will not be committed; the stream keeps its previous boundary."""
@@ -179,6 +199,56 @@ class Engine:
         """Load the stream's boundary into the live buffers (tests and tools; queries do it themselves)."""
         self._idle()
         return self._restore(self.boundary(stream))
+
+    def invalidate(self) -> None:
+        """Forget what the live buffers hold (call after writing them outside the engine, e.g.
+        ``live.scrub()``): the next query restores its stream's boundary."""
+        self._idle()
+        self._live_capsule = None
+
+    def verify(self, stream: str) -> "VerifyReport":
+        """Recompute ``stream``'s boundary cold (its base + journal, same chunking) and compare it
+        with the committed capsule buffer by buffer: valid KV rows, conv/recurrent state, meta.
+
+        Returns the report (also kept as ``last_verify``); a mismatch names the first divergence.
+        The live buffers are left holding the stream's boundary. Meta tensors set by a query's act
+        (e.g. sampler RNG) are not derivable from the journal and are not compared.
+        """
+        self._idle()
+        slot = self.store.slot(stream)
+        committed = slot.current or self.empty
+        base = slot.base or self.empty
+        if len(base.journal) > len(committed.journal) or any(
+                a is not b for a, b in zip(committed.journal, base.journal)):
+            base = self.empty  # the base is not an ancestor of this boundary: replay it all
+        t0 = time.perf_counter()
+        try:
+            cold = self.recompute(committed, base)
+            report = compare_capsules(self.model.live.layout, committed, cold, atol=self.verify_atol)
+        finally:
+            # Leave the live state holding the stream's boundary (or dirty if that fails).
+            self._live_capsule = None
+            self._restore(committed)
+        report.stream = stream
+        report.position = committed.position
+        report.commits = slot.commits
+        report.ms = (time.perf_counter() - t0) * 1e3
+        self.counters["verifies"] += 1
+        if not report.ok:
+            self.counters["verify_mismatches"] += 1
+            log.warning("verify %s: %s", stream, report.text())
+        self.last_verify = report
+        return report
+
+    def _verify_quietly(self, stream: str) -> None:
+        """Verify mode on the query path: a failure to verify is counted, never raised."""
+        try:
+            self.verify(stream)
+        except Exception as e:  # noqa: BLE001 - verify must not break the query path
+            self.counters["verify_errors"] += 1
+            self.last_verify = VerifyReport(stream=stream, ok=False, error=repr(e))
+            log.error("verify %s failed to run: %r", stream, e)
+            self._live_capsule = None
 
     def recompute(self, capsule: Capsule, base: Capsule | None = None) -> Capsule:
         """Cold recompute of a boundary from its journal, on the same chunking (verify mode).
