@@ -249,10 +249,10 @@ class HybridModel:
         bound.write_meta(bound.empty_meta())
         return bound
 
-    def enable_graphs(self, max_chunk: int = 512) -> Any:
+    def enable_graphs(self, max_chunk: int = 512, sdpa_backends: list | None = None) -> Any:
         """Run appends as CUDA-graph replays over the live buffers (runtime/graphs.py)."""
         from ..runtime.graphs import GraphRunner
-        self.runner = GraphRunner(self, max_chunk=max_chunk)
+        self.runner = GraphRunner(self, max_chunk=max_chunk, sdpa_backends=sdpa_backends)
         return self.runner
 
     # -- metadata --------------------------------------------------------------------------
@@ -329,10 +329,16 @@ class HybridModel:
             return hidden
         self._graph_last = None
         device = self.live.device
-        window = self.window.window_for(self.position + n)
-        self.window.apply(window)
         pos = torch.arange(self.position, self.position + n, device=device)[None]
-        mask = causal_mask(pos, window, self.model.config._attn_implementation, self.model.dtype)
+        if self.position == 0 and self.model.config._attn_implementation in ("sdpa", "flash_attention_2"):
+            # From an empty context the window is exactly the new rows and the mask is plain
+            # causal: pass none, so attention can take its fused causal (flash) kernel.
+            self.window.apply(n)
+            mask = None
+        else:
+            window = self.window.window_for(self.position + n)
+            self.window.apply(window)
+            mask = causal_mask(pos, window, self.model.config._attn_implementation, self.model.dtype)
         out = self.model.model(inputs_embeds=embeds[None].to(device=device, dtype=self.model.dtype),
                                cache=self.cache, use_cache=True, position_ids=pos,
                                attention_mask=MaskMap(mask))

@@ -117,7 +117,7 @@ class Engine:
         if embeds.ndim != 2 or embeds.shape[1] != self.model.hidden_size or embeds.shape[0] == 0:
             raise CapsuleRosError(Code.BAD_INPUT, f"embeddings of shape {tuple(embeds.shape)}, "
                                   f"expected [n>0, {self.model.hidden_size}]")
-        entry = JournalEntry(embeds.detach().to("cpu", torch.float32).clone(), source)
+        entry = JournalEntry(embeds.detach().clone(), source)  # stays on its device: no host sync per query
         start, replay, events = self._plan(stream, entry.embeds.shape[0])
 
         t0 = _now(self.live.device)
@@ -146,7 +146,7 @@ class Engine:
         if self.model.position + n > self.model.max_len:
             raise CapsuleRosError(Code.CONTEXT_FULL, f"extend by {n} at {self.model.position} "
                                   f"exceeds context {self.model.max_len}")
-        entry = JournalEntry(embeds.detach().to("cpu", torch.float32).clone(), source)
+        entry = JournalEntry(embeds.detach().clone(), source)  # stays on its device: no host sync per query
         hidden = self._append(entry.embeds)
         self._pending.journal = self._pending.journal + (entry,)
         return hidden

@@ -21,9 +21,11 @@ _ATTENTION_KEYS = ("full_attention",)
 
 
 class MaskMap(dict):
-    """The ``attention_mask`` dict a hybrid model's forward accepts, one mask for every key."""
+    """The ``attention_mask`` dict a hybrid model's forward accepts, one mask for every key.
 
-    def __init__(self, mask: torch.Tensor) -> None:
+    ``None`` for attention means plain causal over exactly the given rows (SDPA's is_causal)."""
+
+    def __init__(self, mask: torch.Tensor | None) -> None:
         super().__init__(full_attention=mask)
         self.mask = mask
 
