@@ -22,3 +22,31 @@ def demo_bag() -> Path:
 @pytest.fixture(scope="session")
 def default_params() -> Path:
     return REPO / "config" / "default.yaml"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core box: one intra-op thread is ~50x faster than two contended
+    ones (OpenMP spin-waits). Restored afterwards for other test modules."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def ros(monkeypatch):
+    """An rclpy context on its own ROS domain, localhost only, shut down after the test."""
+    import os
+    import random
+    import time
+
+    import rclpy
+    domain = random.Random(os.getpid() * 7919 + time.monotonic_ns()).randint(1, 100)
+    monkeypatch.setenv("ROS_DOMAIN_ID", str(domain))
+    monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, domain_id=domain)
+    yield ctx
+    ctx.try_shutdown()

@@ -1,8 +1,6 @@
 """Actuation through the node: JointTrajectory fields, limits, staleness, rate cap; off by default."""
 from __future__ import annotations
 
-import os
-import random
 import time
 
 import numpy as np
@@ -26,15 +24,9 @@ from capsule_ros.status_codes import Code  # noqa: E402
 
 JOINTS = ["a", "b"]
 TRAJ = "/capsule_node/joint_trajectory"
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("one_torch_thread")]  # tiny models
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared box: see test_families.py
-    yield
-    torch.set_num_threads(before)
 
 
 def params(actuation: dict | None = None) -> dict:
@@ -93,15 +85,6 @@ def test_actuation_parameters_validated():
             build_actuation(from_params(params({**ENABLED, **bad})), heads)
 
 
-@pytest.fixture
-def ros(monkeypatch):
-    domain = random.Random(os.getpid() * 104729 + time.monotonic_ns()).randint(1, 100)
-    monkeypatch.setenv("ROS_DOMAIN_ID", str(domain))
-    monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx, domain_id=domain)
-    yield ctx
-    ctx.try_shutdown()
 
 
 class Harness:

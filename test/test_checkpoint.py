@@ -23,13 +23,9 @@ from capsule_ros.runtime.pipeline import Answer, Pipeline
 
 FAMILY = "qwen3_5_text"
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest.py
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared box: see test_families.py
-    yield
-    torch.set_num_threads(before)
+
 
 
 def params(path: str = "", seed: int = 0, head: dict | None = None) -> dict:

@@ -25,6 +25,8 @@ from capsule_ros.runtime.engine import Engine
 PROMPT, PREFIX, CHUNK, STEPS, MAX_LEN = 20, 12, 8, 8, 128
 ATOL = 1e-4
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest.py
+
 
 def _build(family: str):
     spec = ModelSpec(config_file=str(tiny_config(family)), seed=0, max_len=MAX_LEN)
@@ -44,14 +46,6 @@ def _build(family: str):
     return bound, ids, ref_logits, ref_tokens, ref_step_logits
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core box: one intra-op thread is ~50x faster than two
-    contended ones (OpenMP spin-waits). Restored afterwards for other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

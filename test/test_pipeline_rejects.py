@@ -18,13 +18,9 @@ from capsule_ros.status_codes import Code
 
 JOINTS = ["j1", "j2"]
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest.py
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared box: see test_families.py
-    yield
-    torch.set_num_threads(before)
+
 
 
 def params() -> dict:

@@ -5,8 +5,6 @@ sample the same continuation; the node publishes it as a ``TextChunk`` on ``~/te
 """
 from __future__ import annotations
 
-import os
-import random
 import time
 from types import SimpleNamespace as NS
 
@@ -20,13 +18,9 @@ from capsule_ros.runtime.pipeline import Answer, Failure, Pipeline, TextCodec, T
 FAMILY = "lfm2"
 MAX_NEW = 5
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest.py
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared box: see test_families.py
-    yield
-    torch.set_num_threads(before)
+
 
 
 def params(head: dict, max_context: int = 128) -> dict:
@@ -148,15 +142,6 @@ def _overrides(doc: dict, prefix: str = "") -> list:
     return out
 
 
-@pytest.fixture
-def ros(monkeypatch):
-    domain = random.Random(os.getpid() * 7919 + time.monotonic_ns()).randint(1, 100)
-    monkeypatch.setenv("ROS_DOMAIN_ID", str(domain))
-    monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx, domain_id=domain)
-    yield ctx
-    ctx.try_shutdown()
 
 
 def spin_until(executor, cond, timeout=20.0) -> bool:

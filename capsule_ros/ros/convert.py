@@ -22,20 +22,13 @@ def time_msg(ns: int) -> Time:
     return Time(sec=int(ns // 1_000_000_000), nanosec=int(ns % 1_000_000_000))
 
 
-def to_action_chunk(answer: Answer, frame_id: str = "") -> Any:
-    """A continuous head's answer (``answer.output`` is an ``ActionOutput``) as an ``ActionChunk``."""
-    from capsule_ros.msg import ActionChunk
-
-    msg = ActionChunk()
+def _answer_fields(msg: Any, answer: Answer, frame_id: str) -> Any:
+    """The fields every answer message shares: stamp, stream, ids, boundary, latency split."""
     msg.header.stamp = time_msg(answer.stamp_ns)
     msg.header.frame_id = frame_id
     msg.stream = answer.stream
     msg.request_id = answer.request_id
     msg.boundary = answer.position
-    msg.stamp_is_receive_time = answer.stamp_is_receive_time
-    msg.horizon, msg.dof = (int(d) for d in answer.actions.shape)
-    msg.step_period = float(answer.step_period)
-    msg.values = answer.actions.astype("float32").ravel().tolist()
     msg.restore_ms = float(answer.restore_ms)
     msg.append_ms = float(answer.append_ms)
     msg.act_ms = float(answer.act_ms)
@@ -43,22 +36,25 @@ def to_action_chunk(answer: Answer, frame_id: str = "") -> Any:
     return msg
 
 
+def to_action_chunk(answer: Answer, frame_id: str = "") -> Any:
+    """A continuous head's answer (``answer.output`` is an ``ActionOutput``) as an ``ActionChunk``."""
+    from capsule_ros.msg import ActionChunk
+
+    msg = _answer_fields(ActionChunk(), answer, frame_id)
+    msg.stamp_is_receive_time = answer.stamp_is_receive_time
+    msg.horizon, msg.dof = (int(d) for d in answer.actions.shape)
+    msg.step_period = float(answer.step_period)
+    msg.values = answer.actions.astype("float32").ravel().tolist()
+    return msg
+
+
 def to_text_chunk(answer: Answer, frame_id: str = "") -> Any:
     """A token head's answer (``answer.output`` is a ``TextOutput``) as a ``TextChunk``."""
     from capsule_ros.msg import TextChunk
 
-    msg = TextChunk()
-    msg.header.stamp = time_msg(answer.stamp_ns)
-    msg.header.frame_id = frame_id
-    msg.stream = answer.stream
-    msg.request_id = answer.request_id
-    msg.boundary = answer.position
+    msg = _answer_fields(TextChunk(), answer, frame_id)
     msg.text = answer.output.text
     msg.token_ids = [int(t) for t in answer.output.token_ids]
-    msg.restore_ms = float(answer.restore_ms)
-    msg.append_ms = float(answer.append_ms)
-    msg.act_ms = float(answer.act_ms)
-    msg.prev_commit_ms = float(answer.prev_commit_ms)
     return msg
 
 
