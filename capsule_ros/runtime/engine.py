@@ -122,8 +122,15 @@ class Engine:
 
         t0 = _now(self.live.device)
         restored = self._restore(start)
-        for old in replay:  # a rebase re-appends the latest observations after the base
-            self._append(old.embeds)
+        if replay:  # a rebase re-appends the latest observations after the base: report its cost
+            tr = _now(self.live.device)
+            for old in replay:
+                self._append(old.embeds)
+            rebase_ms = (_now(self.live.device) - tr) * 1e3
+            self.counters["rebase_ms_total"] = self.counters.get("rebase_ms_total", 0.0) + rebase_ms
+            events = [(code, f"{text} ({rebase_ms:.1f} ms to re-append "
+                             f"{sum(e.embeds.shape[0] for e in replay)} tokens)")
+                      if code is Code.CONTEXT_REBASED else (code, text) for code, text in events]
         journal = start.journal + replay
         t1 = _now(self.live.device)
         hidden = self._append(entry.embeds)
