@@ -46,6 +46,7 @@ class ModelConfig:
     device: str = "cpu"
     max_context: int = 4096
     chunk_size: int = 64
+    cuda_graphs: bool = True     # on CUDA: appends and decode replay captured graphs
     policy_weights: str = ""     # policy.safetensors (encoders + heads); "" = beside the checkpoint
 
 

@@ -134,19 +134,6 @@ class GraphRunner:
         self.captures += 1
         return captured
 
-    def warmup(self, chunks: list[int] | None = None, max_needed: int | None = None) -> None:
-        """Capture every variant a context up to ``max_needed`` rows can use (no capture later)."""
-        m = self.model
-        chunks = chunks or [1 << i for i in range(self.max_chunk.bit_length())]
-        limit = max_needed or m.max_len
-        windows = sorted({m.window.window_for(min(limit, w)) for w in
-                          [m.window.floor << i for i in range(20)] if w <= 2 * limit})
-        for chunk in chunks:
-            for w in windows:
-                if w >= chunk:
-                    self.capture(chunk, w, "cont")
-            self.capture(chunk, m.window.window_for(chunk), "first")
-
     # -- running ---------------------------------------------------------------------------
     def path(self) -> str:
         flags = self.model.read_meta()["flags"]

@@ -218,6 +218,8 @@ class Pipeline:
                          path=m.path or None, seed=m.seed, dtype=m.dtype, device=m.device,
                          max_len=m.max_context)
         model = HybridModel.load(spec)
+        if model.live.device.type == "cuda" and m.cuda_graphs:
+            model.enable_graphs()  # graph-bound execution: restores copy into captured buffers
         caps = config.capsules
         engine = Engine(model, history_depth=caps.history_depth,
                         chunk_size=m.chunk_size, context_policy=caps.context_policy,
