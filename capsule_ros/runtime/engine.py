@@ -75,7 +75,7 @@ class Engine:
         self.verify_atol = verify_atol
         self.last_verify: VerifyReport | None = None
         self.counters = {"queries": 0, "restores": 0, "restores_skipped": 0, "commits": 0,
-                         "context_resets": 0, "context_rebases": 0,
+                         "context_resets": 0, "context_rebases": 0, "rebase_ms_total": 0.0,
                          "verifies": 0, "verify_mismatches": 0, "verify_errors": 0}
         self._pending: _Pending | None = None
         # The capsule the live buffers hold right now (None: dirty, e.g. mid-append).
@@ -127,7 +127,7 @@ class Engine:
             for old in replay:
                 self._append(old.embeds)
             rebase_ms = (_now(self.live.device) - tr) * 1e3
-            self.counters["rebase_ms_total"] = self.counters.get("rebase_ms_total", 0.0) + rebase_ms
+            self.counters["rebase_ms_total"] += rebase_ms
             events = [(code, f"{text} ({rebase_ms:.1f} ms to re-append "
                              f"{sum(e.embeds.shape[0] for e in replay)} tokens)")
                       if code is Code.CONTEXT_REBASED else (code, text) for code, text in events]
