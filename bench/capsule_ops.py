@@ -211,10 +211,16 @@ def main() -> None:
            "copy_bandwidth_GBps": round(bw / 1e9, 3), "repeats": repeats, "append_tokens": APPEND,
            "fill": "direct writes of random data into KV rows and state (no model forward)",
            "model": results[0]["model"], "rows": results[0]["rows"], "models": results}
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"capsule_ops_{machine}.json"
+    write_results(doc, args.out or ROOT / "bench" / "results" / f"capsule_ops_{machine}.json")
+
+
+def write_results(doc: dict, out: str | Path) -> Path:
+    """Write a benchmark's JSON document (creating bench/results/) and say where."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"\nwrote {out}")
+    return out
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from capsule_ops import Timer, fill, machine_label, model_layout  # noqa: E402
+from capsule_ops import Timer, fill, machine_label, model_layout, write_results  # noqa: E402
 from capsule_ros.capsule import capsule as capsule_ops  # noqa: E402
 from capsule_ros.capsule.layout import LiveState, StateLayout  # noqa: E402
 
@@ -142,10 +142,7 @@ def main() -> None:
            "designs": {"single": "one live buffer set, switch = restore copy of the valid bytes",
                        "resident": "a buffer set per stream, switch = re-point the cache (O(1))"},
            "rows": rows}
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"live_state_design_{machine}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_results(doc, args.out or ROOT / "bench" / "results" / f"live_state_design_{machine}.json")
 
 
 if __name__ == "__main__":

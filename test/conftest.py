@@ -42,11 +42,9 @@ def ros(monkeypatch):
     import random
     import time
 
-    import rclpy
+    from rosutil import ros_context
     domain = random.Random(os.getpid() * 7919 + time.monotonic_ns()).randint(1, 100)
     monkeypatch.setenv("ROS_DOMAIN_ID", str(domain))
     monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx, domain_id=domain)
-    yield ctx
-    ctx.try_shutdown()
+    with ros_context(domain) as ctx:
+        yield ctx

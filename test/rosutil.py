@@ -13,9 +13,13 @@ from rclpy.executors import SingleThreadedExecutor
 
 
 @contextmanager
-def ros_context() -> Iterator[rclpy.Context]:
+def ros_context(domain_id: int | None = None) -> Iterator[rclpy.Context]:
+    """A fresh rclpy context (on ``domain_id`` when given), shut down on exit."""
     ctx = rclpy.Context()
-    rclpy.init(context=ctx)
+    if domain_id is None:
+        rclpy.init(context=ctx)
+    else:
+        rclpy.init(context=ctx, domain_id=domain_id)
     try:
         yield ctx
     finally:

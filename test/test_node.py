@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -79,8 +81,20 @@ class Harness:
             self.send(WRIST, image(48, 48, 1000 + k))
 
     def close(self) -> None:
+        self.node.pipeline.close()  # what the node's shutdown does: flush capsule writes
         self.node.destroy_node()
         self.client.destroy_node()
+
+
+@contextmanager
+def running_node(params, **launch) -> Iterator[Harness]:
+    """A capsule node and a test client in a fresh ROS context, torn down afterwards."""
+    with ros_context() as ctx:
+        h = Harness(ctx, params, **launch)
+        try:
+            yield h
+        finally:
+            h.close()
 
 
 def capsule_hashes(engine) -> dict:
@@ -103,47 +117,39 @@ def capsule_hashes(engine) -> dict:
 
 
 def test_trigger_gives_action_on_its_stream(default_params):
-    with ros_context() as ctx:
-        h = Harness(ctx, default_params)
-        try:
-            h.trigger("front", 1)
-            h.trigger("wrist", 2)
-            assert [s.text for s in h.statuses] == []
-            front, wrist = h.actions
-            assert (front.stream, front.request_id, wrist.stream, wrist.request_id) == ("front", 1, "wrist", 1)
-            assert front.header.stamp.sec == 101 and not front.stamp_is_receive_time
-            assert (front.horizon, front.dof, len(front.values)) == (8, 7, 56)
-            assert front.boundary == 16 + 1  # 4x4 image patches + one joint-state token
-            assert np.all(np.isfinite(front.values)) and front.append_ms > 0
-        finally:
-            h.close()
+    with running_node(default_params) as h:
+        h.trigger("front", 1)
+        h.trigger("wrist", 2)
+        assert [s.text for s in h.statuses] == []
+        front, wrist = h.actions
+        assert (front.stream, front.request_id, wrist.stream, wrist.request_id) == ("front", 1, "wrist", 1)
+        assert front.header.stamp.sec == 101 and not front.stamp_is_receive_time
+        assert (front.horizon, front.dof, len(front.values)) == (8, 7, 56)
+        assert front.boundary == 16 + 1  # 4x4 image patches + one joint-state token
+        assert np.all(np.isfinite(front.values)) and front.append_ms > 0
 
 
 def _run(params, plan: list[str]) -> tuple[dict[str, list[np.ndarray]], dict]:
-    with ros_context() as ctx:
-        h = Harness(ctx, params)
-        try:
-            engine = h.node.pipeline.engine
-            regions = {k: r.data_ptr() for k, r in engine.live.regions.items()}
-            restores0 = engine.counters["restores"]
-            seen = {"front": 0, "wrist": 0}
-            for stream in plan:  # each stream's k-th trigger sees the same messages in every run
-                h.trigger(stream, seen[stream])
-                seen[stream] += 1
-            out: dict[str, list[np.ndarray]] = {"front": [], "wrist": []}
-            for a in h.actions:
-                out[a.stream].append(np.array(a.values, dtype=np.float32))
-            # one live buffer set: same regions, and every layer's cache is a view into them
-            assert {k: r.data_ptr() for k, r in engine.live.regions.items()} == regions
-            for layer in engine.model.cache.layers:
-                if getattr(layer, "keys", None) is not None:
-                    kv = engine.live.regions["kv.float32"]
-                    start = kv.data_ptr()
-                    assert start <= layer.keys.data_ptr() < start + kv.numel() * kv.element_size()
-            info = {"restores": engine.counters["restores"] - restores0}
-            return out, info
-        finally:
-            h.close()
+    with running_node(params) as h:
+        engine = h.node.pipeline.engine
+        regions = {k: r.data_ptr() for k, r in engine.live.regions.items()}
+        restores0 = engine.counters["restores"]
+        seen = {"front": 0, "wrist": 0}
+        for stream in plan:  # each stream's k-th trigger sees the same messages in every run
+            h.trigger(stream, seen[stream])
+            seen[stream] += 1
+        out: dict[str, list[np.ndarray]] = {"front": [], "wrist": []}
+        for a in h.actions:
+            out[a.stream].append(np.array(a.values, dtype=np.float32))
+        # one live buffer set: same regions, and every layer's cache is a view into them
+        assert {k: r.data_ptr() for k, r in engine.live.regions.items()} == regions
+        for layer in engine.model.cache.layers:
+            if getattr(layer, "keys", None) is not None:
+                kv = engine.live.regions["kv.float32"]
+                start = kv.data_ptr()
+                assert start <= layer.keys.data_ptr() < start + kv.numel() * kv.element_size()
+        info = {"restores": engine.counters["restores"] - restores0}
+        return out, info
 
 
 def test_interleaved_streams_equal_each_stream_alone_through_one_live_set(default_params):
@@ -161,47 +167,39 @@ def test_interleaved_streams_equal_each_stream_alone_through_one_live_set(defaul
 
 
 def test_bad_input_gives_coded_status_and_changes_no_capsule(default_params):
-    with ros_context() as ctx:
-        h = Harness(ctx, default_params)
-        try:
-            h.trigger("front", 0)
-            h.trigger("wrist", 0)
-            engine = h.node.pipeline.engine
-            before = capsule_hashes(engine)
-            assert len(before) == 2
-            bad_encoding = image(64, 48, 3)
-            bad_encoding.encoding = "yuv422"
-            h.send(FRONT, bad_encoding)
-            h.send(FRONT, image(48, 48, 4))  # the front camera is configured as 64x48
-            short = image(64, 48, 5)
-            short.data = bytes(short.data[:-10])  # data length does not match step * height
-            h.send(FRONT, short)
-            n = h.answers()
-            q = Query(stream="no_such_stream", request_id=77)
-            h.query_pub.publish(q)
-            spin_until(h.ex, lambda: h.answers() > n, 20, "answer to ~/query")
-            codes = [(s.stream, s.code) for s in h.statuses]
-            assert codes == [("front", Status.BAD_ENCODING), ("front", Status.BAD_SIZE),
-                             ("front", Status.BAD_SIZE), ("no_such_stream", Status.UNKNOWN_STREAM)]
-            assert h.statuses[-1].request_id == 77 and "no_such_stream" in h.statuses[-1].text
-            assert all(s.text for s in h.statuses)
-            assert capsule_hashes(engine) == before
-            assert len(h.actions) == 2  # no action for a rejected input
-        finally:
-            h.close()
+    with running_node(default_params) as h:
+        h.trigger("front", 0)
+        h.trigger("wrist", 0)
+        engine = h.node.pipeline.engine
+        before = capsule_hashes(engine)
+        assert len(before) == 2
+        bad_encoding = image(64, 48, 3)
+        bad_encoding.encoding = "yuv422"
+        h.send(FRONT, bad_encoding)
+        h.send(FRONT, image(48, 48, 4))  # the front camera is configured as 64x48
+        short = image(64, 48, 5)
+        short.data = bytes(short.data[:-10])  # data length does not match step * height
+        h.send(FRONT, short)
+        n = h.answers()
+        q = Query(stream="no_such_stream", request_id=77)
+        h.query_pub.publish(q)
+        spin_until(h.ex, lambda: h.answers() > n, 20, "answer to ~/query")
+        codes = [(s.stream, s.code) for s in h.statuses]
+        assert codes == [("front", Status.BAD_ENCODING), ("front", Status.BAD_SIZE),
+                         ("front", Status.BAD_SIZE), ("no_such_stream", Status.UNKNOWN_STREAM)]
+        assert h.statuses[-1].request_id == 77 and "no_such_stream" in h.statuses[-1].text
+        assert all(s.text for s in h.statuses)
+        assert capsule_hashes(engine) == before
+        assert len(h.actions) == 2  # no action for a rejected input
 
 
 def test_use_sim_time_stamps_status_with_the_bag_clock(default_params):
-    with ros_context() as ctx:
-        h = Harness(ctx, default_params, use_sim_time=True)
-        try:
-            assert h.node.get_parameter("use_sim_time").value is True
-            wait_matched(h.ex, h.client, publishers=[h.clock_pub])
-            h.clock_pub.publish(Clock(clock=Time(sec=4242, nanosec=5)))
-            spin_until(h.ex, lambda: h.node.get_clock().now().nanoseconds > 0, 10, "sim clock")
-            bad = image(64, 48, 1)
-            bad.encoding = "yuv422"
-            h.send(FRONT, bad)
-            assert (h.statuses[-1].header.stamp.sec, h.statuses[-1].header.stamp.nanosec) == (4242, 5)
-        finally:
-            h.close()
+    with running_node(default_params, use_sim_time=True) as h:
+        assert h.node.get_parameter("use_sim_time").value is True
+        wait_matched(h.ex, h.client, publishers=[h.clock_pub])
+        h.clock_pub.publish(Clock(clock=Time(sec=4242, nanosec=5)))
+        spin_until(h.ex, lambda: h.node.get_clock().now().nanoseconds > 0, 10, "sim clock")
+        bad = image(64, 48, 1)
+        bad.encoding = "yuv422"
+        h.send(FRONT, bad)
+        assert (h.statuses[-1].header.stamp.sec, h.statuses[-1].header.stamp.nanosec) == (4242, 5)

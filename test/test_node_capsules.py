@@ -9,8 +9,8 @@ import yaml
 rclpy = pytest.importorskip("rclpy")
 
 from capsule_ros.srv import CapsuleOp  # noqa: E402
-from rosutil import ros_context, spin_until  # noqa: E402
-from test_node import Harness, capsule_hashes  # noqa: E402
+from rosutil import spin_until  # noqa: E402
+from test_node import Harness, capsule_hashes, running_node  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.timeout(240)]
 
@@ -38,44 +38,34 @@ def test_save_load_refusals_and_reload_after_restart(default_params, tmp_path):
     store_dir = tmp_path / "capsules"
     params = params_with(default_params, tmp_path, directory=str(store_dir),
                          persist_on_commit=True, reload_at_start=True)
-    with ros_context() as ctx:
-        h = Harness(ctx, params)
-        try:
-            h.trigger("front", 0)
-            h.trigger("front", 1)
-            saved = call(h, "save", "front", "front_snapshot")
-            assert saved.ok, saved.message
-            assert (store_dir / "front_snapshot.capsule.safetensors").is_file()
-            before = capsule_hashes(h.node.pipeline.engine)
+    with running_node(params) as h:
+        h.trigger("front", 0)
+        h.trigger("front", 1)
+        saved = call(h, "save", "front", "front_snapshot")
+        assert saved.ok, saved.message
+        assert (store_dir / "front_snapshot.capsule.safetensors").is_file()
+        before = capsule_hashes(h.node.pipeline.engine)
 
-            bad = call(h, "save", "front", "../escape")
-            assert not bad.ok and bad.code == 400 and "invalid" in bad.message
-            corrupt = store_dir / "broken.capsule.safetensors"
-            data = bytearray((store_dir / "front_snapshot.capsule.safetensors").read_bytes())
-            data[-100] ^= 0xFF
-            corrupt.write_bytes(bytes(data))
-            refused = call(h, "load", "front", "broken")
-            assert not refused.ok and refused.code == 400, refused.message
-            missing = call(h, "load", "front", "no_such_capsule")
-            assert not missing.ok and missing.code == 401, missing.message
-            assert capsule_hashes(h.node.pipeline.engine) == before
+        bad = call(h, "save", "front", "../escape")
+        assert not bad.ok and bad.code == 400 and "invalid" in bad.message
+        corrupt = store_dir / "broken.capsule.safetensors"
+        data = bytearray((store_dir / "front_snapshot.capsule.safetensors").read_bytes())
+        data[-100] ^= 0xFF
+        corrupt.write_bytes(bytes(data))
+        refused = call(h, "load", "front", "broken")
+        assert not refused.ok and refused.code == 400, refused.message
+        missing = call(h, "load", "front", "no_such_capsule")
+        assert not missing.ok and missing.code == 401, missing.message
+        assert capsule_hashes(h.node.pipeline.engine) == before
 
-            loaded = call(h, "load", "replica", "front_snapshot")  # a new, queryable stream
-            assert loaded.ok, loaded.message
-            assert "replica at 34" in loaded.message
-            position = h.node.pipeline.engine.store.position("front")
-            h.node.pipeline.close()  # what shutdown does: flush the persister
-        finally:
-            h.close()
+        loaded = call(h, "load", "replica", "front_snapshot")  # a new, queryable stream
+        assert loaded.ok, loaded.message
+        assert "replica at 34" in loaded.message
+        position = h.node.pipeline.engine.store.position("front")
     assert (store_dir / "front.capsule.safetensors").is_file()
 
-    with ros_context() as ctx:  # a restart: the stream resumes at its persisted boundary
-        h = Harness(ctx, params)
-        try:
-            assert h.node.pipeline.engine.store.position("front") == position == 34
-            assert h.node.pipeline.engine.store.position("wrist") == 0
-            h.trigger("front", 2)
-            assert h.actions[-1].boundary == 34 + 17
-        finally:
-            h.node.pipeline.close()
-            h.close()
+    with running_node(params) as h:
+        assert h.node.pipeline.engine.store.position("front") == position == 34
+        assert h.node.pipeline.engine.store.position("wrist") == 0
+        h.trigger("front", 2)
+        assert h.actions[-1].boundary == 34 + 17

@@ -7,7 +7,6 @@ awaited by spinning (Replayer.wait_for_discovery), never by sleeping.
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
 import time
@@ -64,22 +63,17 @@ class EchoNode:
 
 
 @pytest.fixture
-def ros(monkeypatch):
-    domain = random.Random(os.getpid() * 1000 + time.monotonic_ns()).randint(1, 100)
-    monkeypatch.setenv('ROS_DOMAIN_ID', str(domain))
-    monkeypatch.setenv('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx, domain_id=domain)
-    executor = SingleThreadedExecutor(context=ctx)
-    echo = EchoNode(ctx)
-    node = rclpy.create_node('replayer', context=ctx)
+def echo_graph(ros):
+    """The replayer's node and an echo node on one executor, in the test's own ROS domain."""
+    executor = SingleThreadedExecutor(context=ros)
+    echo = EchoNode(ros)
+    node = rclpy.create_node('replayer', context=ros)
     executor.add_node(echo.node)
     executor.add_node(node)
-    yield ctx, executor, node, echo
+    yield ros, executor, node, echo
     executor.shutdown()
     node.destroy_node()
     echo.node.destroy_node()
-    ctx.try_shutdown()
 
 
 def _bag_triggers():
@@ -96,8 +90,8 @@ def _check_answers(answers, triggers, context=True):
             assert int(stamp) - int(joint) == 10_000_000
 
 
-def test_lockstep_answers_every_trigger_and_records(ros, tmp_path):
-    _, executor, node, echo = ros
+def test_lockstep_answers_every_trigger_and_records(echo_graph, tmp_path):
+    _, executor, node, echo = echo_graph
     out = tmp_path / 'answers_bag'
     r = Replayer(node, executor, DEMO_BAG, mode='lockstep', triggers=[FRONT, WRIST],
                  answers=[ANSWERS], answer_types=['std_msgs/msg/String'], record=out,
@@ -127,8 +121,8 @@ def executor_spin_until(executor, cond, timeout=5.0) -> bool:
     return cond()
 
 
-def test_lockstep_is_deterministic(ros, tmp_path):
-    _, executor, node, _ = ros
+def test_lockstep_is_deterministic(echo_graph, tmp_path):
+    _, executor, node, _ = echo_graph
     runs = []
     for i in range(2):
         out = tmp_path / f'run{i}'
@@ -144,8 +138,8 @@ def test_lockstep_is_deterministic(ros, tmp_path):
     assert [m for m in runs[0] if m[0] != ANSWERS] == inputs
 
 
-def test_timed_mode_keeps_order_and_timing(ros):
-    _, executor, node, echo = ros
+def test_timed_mode_keeps_order_and_timing(echo_graph):
+    _, executor, node, echo = echo_graph
     r = Replayer(node, executor, DEMO_BAG, mode='timed', rate=10.0, triggers=[FRONT, WRIST],
                  answers=[ANSWERS], answer_types={ANSWERS: 'std_msgs/msg/String'},
                  require_subscribers=[FRONT, WRIST, JOINTS, '/clock']).run()
@@ -167,8 +161,8 @@ def test_timed_mode_keeps_order_and_timing(ros):
     assert echo.clock == [m.timestamp_ns for m in bag_io.read_messages(DEMO_BAG)]
 
 
-def test_discovery_and_answer_timeouts_are_clear_errors(ros):
-    _, executor, node, _ = ros
+def test_discovery_and_answer_timeouts_are_clear_errors(echo_graph):
+    _, executor, node, _ = echo_graph
     with pytest.raises(ReplayError, match='publisher of /nobody/answers'):
         Replayer(node, executor, DEMO_BAG, mode='lockstep', triggers=[FRONT],
                  answers=['/nobody/answers'], answer_types=['std_msgs/msg/String'],
@@ -184,9 +178,9 @@ def test_discovery_and_answer_timeouts_are_clear_errors(ros):
         node.destroy_publisher(silent)
 
 
-def test_cli_lockstep(ros, tmp_path):
+def test_cli_lockstep(echo_graph, tmp_path):
     """capsule_replay in a subprocess against the echo node spun here."""
-    ctx, executor, node, echo = ros
+    ctx, executor, node, echo = echo_graph
     out = tmp_path / 'cli_bag'
     import capsule_ros  # the subprocess imports the same capsule_ros (install tree or source)
     pkg_root = str(Path(capsule_ros.__file__).resolve().parents[1])
