@@ -7,6 +7,10 @@
 #                                      CUDA extension has no binary wheel and is skipped
 #                                      (MAMBA_SKIP_CUDA_BUILD); the package __init__, which
 #                                      imports that extension, is reduced to the version string.
+#   rosbags (+ apsw, backports.zstd,   read test/data/demo_bag in test/gpu (the pipeline replay
+#   lz4, ruamel.yaml)                  test); the GPU image has none of them
+# Building the mamba-ssm sdist's metadata imports torch and wheel: run this with a python3 that
+# has both on its path (e.g. PATH=<venv with wheel>/bin:$PATH PYTHONPATH=<.venv site-packages>).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out="$root/.whl"
@@ -15,6 +19,8 @@ grep -qx "/.whl/" "$root/.git/info/exclude" 2>/dev/null || echo "/.whl/" >> "$ro
 plat="--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any"
 python3 -m pip download -q --no-deps --only-binary=:all: $plat -d "$out" \
   transformers==5.24.0 flash-linear-attention==0.6.0 fla-core==0.6.0
+python3 -m pip download -q --no-deps --only-binary=:all: $plat -d "$out" \
+  rosbags==0.11.9 apsw==3.54.1.0 backports.zstd==1.8.0 lz4==4.4.5 ruamel.yaml==0.19.1
 if ! ls "$out"/mamba_ssm-*.whl >/dev/null 2>&1; then
   tmp=$(mktemp -d)
   MAMBA_SKIP_CUDA_BUILD=TRUE python3 -m pip download -q --no-deps --no-binary :all: \

@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 # Parts, in the order errors name them.
-PARTS = ("weights", "dtype", "layout", "device", "versions")
+PARTS = ("weights", "dtype", "layout", "device", "versions", "execution")
+# A header written before ``execution`` existed came from the transformers modules (eager or
+# captured as graphs, bit-identical to each other): read it as that path.
+_DEFAULTS = {"execution": "eager"}
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,9 @@ class Fingerprint:
     layout: str     # StateLayout.digest()
     device: str     # device kind: "cpu", "cuda:sm90", ...
     versions: str   # library and format versions that change numerics or layout
+    # The code path that computes the state ("eager", "graph", "lean-cuda"): paths with different
+    # kernels give different numerics, so a capsule never crosses from one to another silently.
+    execution: str = "eager"
 
     def diff(self, other: "Fingerprint") -> list[str]:
         """Names of the parts that differ (empty when equal)."""
@@ -29,10 +35,10 @@ class Fingerprint:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, str]) -> "Fingerprint":
-        missing = [p for p in PARTS if p not in d]
+        missing = [p for p in PARTS if p not in d and p not in _DEFAULTS]
         if missing:
             raise ValueError(f"fingerprint lacks {missing}")
-        return cls(**{p: str(d[p]) for p in PARTS})
+        return cls(**{p: str(d.get(p, _DEFAULTS.get(p))) for p in PARTS})
 
     def digest(self) -> str:
         return hash_text(json.dumps(self.to_dict(), sort_keys=True))

@@ -15,8 +15,10 @@ The Python-side flags and the attention write position are metadata: ``read_meta
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from ..capsule import BufferSpec, Fingerprint, Kind, LiveState, StateLayout
 from ..capsule.fingerprint import hash_files, hash_text
 from ..runtime.kv_window import KVWindow, MaskMap, causal_mask
 from .registry import family_for
+from .torch_kernels import route_cpu_to_torch
 
 POLICY_FILE = "policy.safetensors"  # see capsule_ros.policy.weights
 
@@ -223,6 +226,7 @@ class HybridModel:
     def bind(cls, model: torch.nn.Module, spec: ModelSpec, weights_id: str) -> "HybridModel":
         config = model.config
         family = family_for(config.model_type)
+        route_cpu_to_torch()  # CPU tensors never reach a Triton kernel (fla, mamba-ssm)
         if spec.device == "cpu":
             # Recurrent state decays toward zero; x86 computes on denormal floats ~20x slower
             # (measured: a 17-token append went from ~35 ms to 0.3-1.5 s). Flushing them to zero
@@ -241,7 +245,7 @@ class HybridModel:
         live = LiveState(layout, device)
         _point_cache_at(cache, live)
         fp = Fingerprint(weights=weights_id, dtype=spec.dtype, layout=layout.digest(),
-                         device=_device_kind(device), versions=_versions())
+                         device=_device_kind(device), versions=_versions(), execution="eager")
         views = [(live.view(f"L{i}.k"), live.view(f"L{i}.v"))
                  for i, layer in enumerate(cache.layers) if layer in attn]
         bound = cls(model=model, cache=cache, live=live, fingerprint=fp, family=family, spec=spec,
@@ -253,7 +257,43 @@ class HybridModel:
         """Run appends as CUDA-graph replays over the live buffers (runtime/graphs.py)."""
         from ..runtime.graphs import GraphRunner
         self.runner = GraphRunner(self, max_chunk=max_chunk, sdpa_backends=sdpa_backends)
+        # Captured transformers modules compute what eager does (tested bit-identical per chunk),
+        # but the path is named so a capsule never crosses to a path with other numerics unseen.
+        self.fingerprint = dataclasses.replace(self.fingerprint, execution="graph")
         return self.runner
+
+    @property
+    def execution(self) -> str:
+        """The execution path the fingerprint names: "eager", "graph" or "lean-cuda"."""
+        return self.fingerprint.execution
+
+    @property
+    def captures(self) -> int:
+        """CUDA graphs captured so far (0 without graphs). Must not move while serving."""
+        return self.runner.captures if self.runner is not None else 0
+
+    def warm_up(self, max_tokens: int | None = None) -> dict[str, Any]:
+        """Capture every graph this configuration can reach and run each once, so that no
+        capture, compilation or autotuning happens on the query path; ``max_tokens`` bounds one
+        ``forward`` (the engine's ``chunk_size``). The live state and metadata are unchanged.
+        Without graphs (CPU, or graphs off) it runs one eager step on scratch state instead,
+        which loads the kernels; ``captures`` stays 0 there."""
+        t0 = time.perf_counter()
+        if self.runner is not None:
+            variants = self.runner.warm_up(max_tokens)
+        else:
+            saved = {k: r.clone() for k, r in self.live.regions.items()}
+            meta = self.read_meta()
+            if self.position < self.max_len:
+                with torch.no_grad():
+                    self.forward(torch.zeros(1, self.hidden_size, dtype=self.model.dtype,
+                                             device=self.live.device))
+            for k, r in self.live.regions.items():
+                r.copy_(saved[k])
+            self.write_meta(meta)
+            variants = 0
+        return {"execution": self.execution, "variants": variants, "captures": self.captures,
+                "seconds": time.perf_counter() - t0}
 
     # -- metadata --------------------------------------------------------------------------
     def empty_meta(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kv_window import MaskMap, causal_mask
+from .kv_window import MaskMap, causal_mask, window_for
 
 
 def decompose(n: int, max_chunk: int) -> list[int]:
@@ -133,6 +133,48 @@ class GraphRunner:
         self.graphs[key] = captured
         self.captures += 1
         return captured
+
+    def variants(self, max_tokens: int | None = None) -> list[tuple[int, int, str]]:
+        """Every ``(chunk, window, path)`` an append of at most ``max_tokens`` tokens can reach.
+
+        ``first`` runs only from position 0 (window of the chunk itself); ``cont`` continues from
+        any position >= 1, so its window is that of any end position in (chunk, max_len].
+        """
+        m = self.model
+        limit = min(self.max_chunk, max_tokens or self.max_chunk, m.max_len)
+        floor = m.window.floor
+        ends = {m.max_len}
+        p = floor
+        while p <= m.max_len:
+            ends.update((p, p + 1))
+            p *= 2
+        out = []
+        chunk = 1
+        while chunk <= limit:
+            out.append((chunk, window_for(chunk, m.max_len, floor), "first"))
+            wins = {window_for(e, m.max_len, floor) for e in ends | {chunk + 1} if chunk < e <= m.max_len}
+            out += [(chunk, w, "cont") for w in sorted(wins)]
+            chunk *= 2
+        return out
+
+    @torch.no_grad()
+    def warm_up(self, max_tokens: int | None = None) -> int:
+        """Capture every reachable variant and replay each once, so that no capture (and no
+        lazy kernel compilation or autotuning) happens on the query path. The live state and
+        metadata are put back exactly. Returns the number of variants."""
+        m = self.model
+        saved = {k: r.clone() for k, r in m.live.regions.items()}
+        meta = m.read_meta()
+        variants = self.variants(max_tokens)
+        for chunk, window, path in variants:
+            cap = self.capture(chunk, window, path)
+            self._prepare(chunk, window, path)
+            cap.graph.replay()
+        torch.cuda.synchronize(self.device)
+        for k, r in m.live.regions.items():
+            r.copy_(saved[k])
+        m.write_meta(meta)
+        return len(variants)
 
     # -- running ---------------------------------------------------------------------------
     def path(self) -> str:
