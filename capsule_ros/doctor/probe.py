@@ -21,7 +21,7 @@ for label, code in steps:
         exec(compile(code, label, "exec"), {})
     except BaseException as exc:
         err = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        print("@@ERR " + label + " " + json.dumps(err), flush=True)
+        print("@@ERR " + json.dumps([label, err]), flush=True)
         sys.exit(3)
     print("@@OK " + label, flush=True)
 '''
@@ -51,8 +51,7 @@ def run_steps(steps: list[tuple[str, str]], timeout: float = 180.0) -> ProbeResu
         elif line.startswith("@@OK "):
             started = None
         elif line.startswith("@@ERR "):
-            label, _, err = line[6:].partition(" ")
-            started, error = label, json.loads(err)
+            started, error = json.loads(line[6:])
         elif line.strip():
             rest.append(line)
     if proc.returncode == 0:
