@@ -52,3 +52,15 @@ def wait_matched(executor, node, publishers=(), subscribed_topics=(), timeout: f
         return (all(p.get_subscription_count() > 0 for p in publishers)
                 and all(node.count_publishers(t) > 0 for t in subscribed_topics))
     spin_until(executor, matched, timeout, "discovery")
+
+
+class Inbox:
+    """Every message received on ``topic`` by ``node``, in arrival order."""
+
+    def __init__(self, node, msg_type, topic: str, qos=10) -> None:
+        self.messages: list = []
+        self.subscription = node.create_subscription(msg_type, topic, self.messages.append, qos)
+
+    def last(self, predicate: Callable[[object], bool] = lambda m: True):
+        """The latest message satisfying ``predicate``, or None."""
+        return next((m for m in reversed(self.messages) if predicate(m)), None)
