@@ -14,10 +14,10 @@ help:
 	@echo "  make setup     venv + pinned deps + /opt/python symlinks + colcon build (idempotent)"
 	@echo "  make build     same as setup (colcon build is part of it; incremental)"
 	@echo "  make demo      setup, then python -m capsule_ros.demo from the install tree"
-	@echo "  make test      setup, then pytest -rs test (per-test timeout 300 s; PYTEST_ARGS=... adds)"
+	@echo "  make test      setup, ros2 tools overlay (.tools), then pytest -rs test (timeout 300 s/test)"
 	@echo "  make gpu-test  GPU tests on a CUDA machine (wheels from scripts/gpu_wheels.sh)"
 	@echo "  make clean     remove build/ install/ log/ and test/demo outputs (keeps .venv)"
-	@echo "  make distclean clean, and remove .venv"
+	@echo "  make distclean clean, and remove .venv and the ros2 tools overlay (.tools)"
 	@echo "Use the install tree in a shell with:  . scripts/env.sh"
 
 setup:
@@ -32,8 +32,11 @@ demo: setup
 
 # The venv's pytest executable, not `python -m pytest`: the latter puts the repo root on
 # sys.path and the source capsule_ros shadows the installed one (which holds capsule_ros.msg).
+# The ros2 CLI tests need the tools overlay (.tools/, built and cached by tools_overlay.sh from
+# ../shared/third_party; without the archive they skip, and with CI=true that is an error).
 test: setup
 	@$(ENV); cd "$(ROOT)"; \
+	bash scripts/tools_overlay.sh; . scripts/tools_env.sh; \
 	export ROS_DOMAIN_ID="$${ROS_DOMAIN_ID:-$$(( $$$$ % 100 + 1 ))}"; \
 	echo "[test] ROS_DOMAIN_ID=$$ROS_DOMAIN_ID"; \
 	"$$VIRTUAL_ENV/bin/pytest" -rs --timeout=300 -p no:cacheprovider $(PYTEST_ARGS) test
@@ -47,4 +50,4 @@ clean:
 	@find "$(ROOT)" -path "$(ROOT)/.venv" -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf "$(ROOT)/.venv"
+	rm -rf "$(ROOT)/.venv" "$(ROOT)/.tools"

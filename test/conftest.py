@@ -80,3 +80,19 @@ def diagnostic_updater_path(tmp_path_factory) -> str | None:
             pytest.fail(f"{archive} holds no {prefix}")
         tar.extractall(dest, members=members, filter="data")
     return str(dest / "ros2_jazzy_tools" / "diagnostics")
+
+
+@pytest.fixture
+def ros_cli(request, tmp_path, monkeypatch):
+    """The real ros2 CLI for one test (test/rostools.py): its own ROS domain and namespace, every
+    child process group killed at the end. Skips when the tools archive is not beside the
+    checkout; with CI=true that is a failure instead."""
+    from rostools import RosCli, tools_env
+    cli = RosCli.create(tools_env(), tmp_path, request.node.name)
+    # the test's own rclpy (rostools.Feeder) joins the same domain, localhost only
+    monkeypatch.setenv("ROS_DOMAIN_ID", str(cli.domain))
+    monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    try:
+        yield cli
+    finally:
+        cli.close()
