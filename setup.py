@@ -28,7 +28,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "capsule_node = capsule_ros.ros.node:main",
+            "capsule_node = capsule_ros.ros.main:main",
             "capsule_replay = capsule_ros.ros.replay:main",
             "capsule_demo = capsule_ros.demo:main",
         ],

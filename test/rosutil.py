@@ -64,3 +64,12 @@ class Inbox:
     def last(self, predicate: Callable[[object], bool] = lambda m: True):
         """The latest message satisfying ``predicate``, or None."""
         return next((m for m in reversed(self.messages) if predicate(m)), None)
+
+
+def activate(node):
+    """Walk a capsule node (built in-process, where ``autostart`` has no main loop to act on it)
+    through configure and activate, as autostart does; fail the test if either is refused."""
+    from rclpy.lifecycle import TransitionCallbackReturn
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS, "configure failed"
+    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS, "activate failed"
+    return node

@@ -21,6 +21,7 @@ from capsule_ros.msg import ActionChunk, Status  # noqa: E402
 from capsule_ros.ros.node import ANSWER_QOS, CapsuleNode, build_actuation  # noqa: E402
 from capsule_ros.ros.trajectory import to_joint_trajectory  # noqa: E402
 from capsule_ros.status_codes import Code  # noqa: E402
+from rosutil import activate  # noqa: E402
 
 JOINTS = ["a", "b"]
 TRAJ = "/capsule_node/joint_trajectory"
@@ -89,7 +90,7 @@ def test_actuation_parameters_validated():
 
 class Harness:
     def __init__(self, ctx, doc):
-        self.node = CapsuleNode(context=ctx, parameter_overrides=_overrides(doc))
+        self.node = activate(CapsuleNode(context=ctx, parameter_overrides=_overrides(doc)))
         self.client = rclpy.create_node("client", context=ctx)
         self.executor = SingleThreadedExecutor(context=ctx)
         self.executor.add_node(self.node)

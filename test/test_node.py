@@ -17,7 +17,7 @@ from sensor_msgs.msg import Image, JointState  # noqa: E402
 from capsule_ros.msg import ActionChunk, Query, Status  # noqa: E402
 from capsule_ros.ros.launch_args import node_arguments  # noqa: E402
 from capsule_ros.ros.node import CapsuleNode  # noqa: E402
-from rosutil import make_executor, ros_context, spin_until, wait_matched  # noqa: E402
+from rosutil import activate, make_executor, ros_context, spin_until, wait_matched  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.timeout(180)]
 FRONT, WRIST, JOINTS = "/front_cam/image_raw", "/wrist_cam/image_raw", "/joint_states"
@@ -45,7 +45,7 @@ class Harness:
 
     def __init__(self, ctx, params_file, **launch):
         args = node_arguments(params_file=str(params_file), **launch)
-        self.node = CapsuleNode(context=ctx, cli_args=args.cli_args())
+        self.node = activate(CapsuleNode(context=ctx, cli_args=args.cli_args()))
         self.client = rclpy.create_node("test_client", context=ctx)
         self.ex = make_executor(ctx, self.node, self.client)
         ns = self.node.get_fully_qualified_name()

@@ -19,7 +19,7 @@ from capsule_ros.ros.launch_args import node_arguments  # noqa: E402
 from capsule_ros.ros.node import CapsuleNode  # noqa: E402
 from capsule_ros.ros.replay import Replayer  # noqa: E402
 from capsule_ros.runtime.pipeline import Answer  # noqa: E402
-from rosutil import make_executor, ros_context  # noqa: E402
+from rosutil import activate, make_executor, ros_context  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.timeout(300)]
 
@@ -27,7 +27,8 @@ pytestmark = [pytest.mark.ros, pytest.mark.timeout(300)]
 def replay_once(params, bag) -> list[ActionChunk]:
     config = load_yaml(params)
     with ros_context() as ctx:
-        node = CapsuleNode(context=ctx, cli_args=node_arguments(params_file=str(params)).cli_args())
+        node = activate(CapsuleNode(context=ctx,
+                                    cli_args=node_arguments(params_file=str(params)).cli_args()))
         driver = rclpy.create_node("replay_driver", context=ctx)
         ex = make_executor(ctx, node, driver)
         ns = node.get_fully_qualified_name()

@@ -161,7 +161,8 @@ def test_text_chunk_published_by_node(ros):
     from capsule_ros.msg import TextChunk
     from capsule_ros.ros.node import ANSWER_QOS, CapsuleNode
 
-    node = CapsuleNode(context=ros, parameter_overrides=_overrides(params(SAMPLED)))
+    from rosutil import activate
+    node = activate(CapsuleNode(context=ros, parameter_overrides=_overrides(params(SAMPLED))))
     client = rclpy.create_node("client", context=ros)
     executor = SingleThreadedExecutor(context=ros)
     executor.add_node(node)

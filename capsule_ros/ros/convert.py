@@ -43,6 +43,7 @@ def to_action_chunk(answer: Answer, frame_id: str = "") -> Any:
     msg = _answer_fields(ActionChunk(), answer, frame_id)
     msg.stamp_is_receive_time = answer.stamp_is_receive_time
     msg.horizon, msg.dof = (int(d) for d in answer.actions.shape)
+    msg.names = list(answer.output.columns)
     msg.step_period = float(answer.step_period)
     msg.values = answer.actions.astype("float32").ravel().tolist()
     return msg

@@ -1,68 +1,62 @@
-"""capsule_node: subscribes to the configured inputs, answers each trigger on ~/actions.
+"""capsule_node: a managed (lifecycle) node that answers each trigger of a stream on ~/actions.
 
-Thin on purpose: parameters are declared from the params file, callbacks hand each message to
-the pipeline (capsule_ros.runtime.pipeline), and outcomes are converted to messages here. The
-node knows nothing of buffers or capsules beyond the verbs of the ``~/capsule`` service.
+Lifecycle (``rclpy.lifecycle``; ``autostart: true``, the default, walks to active by itself):
+  configure   validate every parameter (a mistake names the parameter and what it accepts, and
+              the node stays unconfigured), build or load the model, put encoders and heads on
+              its device, check the GPU memory the capsule budgets need, reload persisted
+              capsules, and warm up: every CUDA graph the configuration can reach is captured and
+              run once here, so nothing is captured or compiled while serving.
+  activate    subscribe to the inputs (sensor-data QoS unless an input says ``qos: reliable``;
+              ``qos_overrides.<topic>.subscription.*`` honoured) and ``~/query``; serve.
+  deactivate  unsubscribe; capsules, model and ``~/capsule`` stay.
+  cleanup     free the model, its live state and every capsule (GPU memory too).
+  shutdown    flush queued capsule writes.
 
 Topics and services (relative to the node):
   ~/actions  capsule_ros/msg/ActionChunk   one per answered query of a continuous-head stream
   ~/text     capsule_ros/msg/TextChunk     one per answered query of a token-head stream
-  ~/joint_trajectory trajectory_msgs/JointTrajectory  only with actuation.enabled (see below)
+  ~/joint_trajectory trajectory_msgs/JointTrajectory  with an actuation section (see config/)
   ~/status   capsule_ros/msg/Status        bad input, refused restores, context policy, ...
   ~/query    capsule_ros/msg/Query         explicit query on a stream (unknown stream -> Status)
-  ~/capsule  capsule_ros/srv/CapsuleOp     list, stats, rollback, reset, fork, pin, unpin, drop
-  /diagnostics diagnostic_msgs/DiagnosticArray, once a second
+  ~/capsule  capsule_ros/srv/CapsuleOp     list, stats, rollback, reset, fork, pin, unpin, drop,
+                                           save, load (from configure to cleanup)
+  /diagnostics diagnostic_msgs/DiagnosticArray (from configure to cleanup)
 
-Actuation (off by default; ``actuation.enabled: true`` turns it on): the continuous actions of
-``actuation.stream`` also go out as a JointTrajectory, through ``ActuationGuard`` (limits,
-staleness, rate cap; every clamp or drop is a coded Status on ~/status). Parameters (parallel
-lists, since ROS parameters hold no dicts):
-  actuation.stream           the stream (continuous head, dof = len(joint_names))
-  actuation.joint_names      [j0, j1, ...]
-  actuation.position_limits  [lo0, hi0, lo1, hi1, ...] (2 per joint; omit for none)
-  actuation.velocity_limits  [v0, v1, ...] rad/s or m/s (1 per joint; omit for none)
-  actuation.mode             clamp | reject              (default clamp)
-  actuation.max_age_ms       trigger stamp vs node clock (default 200)
-  actuation.max_rate_hz      cap on passed commands      (default 0 = none)
-  actuation.frame_id         header.frame_id of the trajectory (default "")
-When disabled the trajectory publisher is not even created.
+Parameters are declared with descriptors (``ros2 param describe``); their one home is
+``capsule_ros.config``. Structural ones change only while unconfigured; live ones
+(``capsule_ros.config.LIVE``) apply at once.
 """
 from __future__ import annotations
 
-import array
 import json
-import statistics
-import sys
+import time
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rclpy.node import Node
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.executors import ExternalShutdownException
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
+from rclpy.qos import (HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data)
+from rclpy.qos_overriding_options import QoSOverridingOptions
 
 from capsule_ros.msg import ActionChunk, Query, Status, TextChunk
 from capsule_ros.srv import CapsuleOp
 
 from ..capsule import CapsuleError
-from ..config import NODE_NAME, ConfigError, NodeConfig, from_params
+from ..config import NODE_NAME, ConfigError, NodeConfig
 from ..policy.heads import ContinuousActionHead
 from ..policy.safety import ActuationGuard
 from ..runtime.engine import stats as engine_stats
-from ..runtime.pipeline import failure_from, ActionOutput, Answer, Failure, Outcome, Pipeline
+from ..runtime.pipeline import ActionOutput, Answer, Failure, Outcome, Pipeline, failure_from
 from ..status_codes import CapsuleRosError, Code
 from .convert import import_type, time_msg, to_action_chunk, to_status, to_text_chunk
+from .diagnostics import Diagnostics
+from .params import NodeParameters
 
 ANSWER_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE,
                         history=HistoryPolicy.KEEP_LAST)
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, (array.array, tuple)) else value
-
-
-ACTUATION_KEYS = ("stream", "joint_names", "position_limits", "velocity_limits", "mode",
-                  "max_age_ms", "max_rate_hz", "frame_id")
 
 
 @dataclass
@@ -74,28 +68,29 @@ class Actuation:
 
 
 def build_actuation(config: NodeConfig, heads: dict[str, Any]) -> Actuation | None:
-    """The actuation section as a guard, or None when disabled. Mistakes are ConfigErrors."""
-    if not config.actuation.enabled:
-        return None
+    """The actuation section as a guard (None when no stream is named). Mistakes are
+    ConfigErrors. Built whenever a stream is named, so ``actuation.enabled`` can go live."""
     opts = dict(config.actuation.options)
-    unknown = sorted(set(opts) - set(ACTUATION_KEYS))
-    if unknown:
-        raise ConfigError(f"actuation: unknown parameter(s) {unknown}; known: {list(ACTUATION_KEYS)}")
     stream = str(opts.get("stream", ""))
+    if not stream:
+        if config.actuation.enabled:
+            raise ConfigError("actuation.enabled needs actuation.stream (a continuous stream)")
+        return None
     if stream not in config.streams:
-        raise ConfigError(f"actuation.stream {stream!r} is not a configured stream")
+        raise ConfigError(f"actuation.stream {stream!r} is not one of streams.names "
+                          f"{list(config.streams)}")
     head = heads[stream]
     if not isinstance(head, ContinuousActionHead):
         raise ConfigError(f"actuation.stream {stream!r} has no continuous head")
-    joints = [str(j) for j in opts.get("joint_names") or []]
+    joints = list(opts.get("joint_names") or [])
     if len(joints) != head.dof:
         raise ConfigError(f"actuation.joint_names has {len(joints)} names, stream {stream!r} "
                           f"has dof {head.dof}")
-    pos = [float(v) for v in opts.get("position_limits") or []]
+    pos = list(opts.get("position_limits") or [])
     if pos and len(pos) != 2 * len(joints):
         raise ConfigError(f"actuation.position_limits needs lo, hi per joint ({2 * len(joints)} "
                           f"values), got {len(pos)}")
-    vel = [float(v) for v in opts.get("velocity_limits") or []]
+    vel = list(opts.get("velocity_limits") or [])
     if vel and len(vel) != len(joints):
         raise ConfigError(f"actuation.velocity_limits needs one value per joint ({len(joints)}), "
                           f"got {len(vel)}")
@@ -104,56 +99,177 @@ def build_actuation(config: NodeConfig, heads: dict[str, Any]) -> Actuation | No
             joints,
             position_limits={j: (pos[2 * i], pos[2 * i + 1]) for i, j in enumerate(joints)} if pos else None,
             velocity_limits=dict(zip(joints, vel)) if vel else None,
-            mode=str(opts.get("mode", "clamp")),
-            max_age_ms=float(opts.get("max_age_ms", 200.0)),
-            max_rate_hz=float(opts.get("max_rate_hz", 0.0)))
+            mode=opts.get("mode", "clamp"),
+            max_age_ms=opts.get("max_age_ms", 200.0),
+            max_rate_hz=opts.get("max_rate_hz", 0.0))
     except ValueError as e:
         raise ConfigError(f"actuation: {e}") from e
-    return Actuation(stream, joints, guard, str(opts.get("frame_id", "")))
+    return Actuation(stream, joints, guard, opts.get("frame_id", ""))
 
 
-class CapsuleNode(Node):
+def input_qos(spec: Any) -> QoSProfile:
+    """REP-2003: sensor inputs subscribe best effort (what camera drivers publish; a reliable
+    publisher matches too), keep last ``qos_depth``; ``qos: reliable`` for inputs that must not drop."""
+    if spec.qos == "reliable":
+        return QoSProfile(depth=spec.qos_depth, history=HistoryPolicy.KEEP_LAST,
+                          reliability=ReliabilityPolicy.RELIABLE)
+    qos = QoSProfile(**{k: getattr(qos_profile_sensor_data, k) for k in
+                        ("history", "reliability", "durability")}, depth=spec.qos_depth)
+    return qos
+
+
+class CapsuleNode(LifecycleNode):
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(NODE_NAME, automatically_declare_parameters_from_overrides=True, **kwargs)
-        names = self.list_parameters([], 0).names
-        params = {n: _plain(self.get_parameter(n).value) for n in names if n != "use_sim_time"}
-        self.config = from_params(params)
-        self.pipeline = Pipeline.build(self.config)
-        self.get_logger().info(self.pipeline.describe())
-        if not self.pipeline.policy_weights_loaded:
-            self.get_logger().warning("encoder and head weights are seeded random: no "
-                                      "policy.safetensors was given, actions mean nothing")
-        self.errors: dict[str, int] = {name: 0 for name in self.config.streams}
-        self.actions_pub = self.create_publisher(ActionChunk, "~/actions", ANSWER_QOS)
-        self.text_pub = self.create_publisher(TextChunk, "~/text", ANSWER_QOS)
-        self.status_pub = self.create_publisher(Status, "~/status", ANSWER_QOS)
-        self.actuation = build_actuation(self.config, self.pipeline.heads)
-        self.trajectory_pub = None
-        if self.actuation is not None:
-            from trajectory_msgs.msg import JointTrajectory
-            self.trajectory_pub = self.create_publisher(JointTrajectory, "~/joint_trajectory",
-                                                        ANSWER_QOS)
+        super().__init__(NODE_NAME, **kwargs)
+        self.params = NodeParameters(self)
+        self.params.declare()
+        self.add_on_set_parameters_callback(self._guard_parameters)
+        self.add_post_set_parameters_callback(self._apply_live)
+        self.state = "unconfigured"
+        self.config: NodeConfig | None = None
+        self.pipeline: Pipeline | None = None
+        self.actuation: Actuation | None = None
+        self.diagnostics: Diagnostics | None = None
+        self.configure_s: float | None = None
+        self._pubs: list[Any] = []
+        self._subs: list[Any] = []
+        self._service = None
+        self.errors: dict[str, int] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        t0 = time.monotonic()
+        try:
+            self.params.declare()  # sections of names set while unconfigured
+            self.config = self.params.config()
+            self.pipeline = Pipeline.build(self.config)
+            self.get_logger().info(self.pipeline.describe())
+            if not self.pipeline.policy_weights_loaded:
+                self.get_logger().warning("encoder and head weights are seeded random: no "
+                                          "policy.safetensors was given, actions mean nothing")
+            self.pipeline.check_memory()
+            self.actuation = build_actuation(self.config, self.pipeline.heads)
+            warm = self.pipeline.warm_up()
+            self._make_interfaces()
+        except ConfigError as e:
+            self.get_logger().error(f"configure failed: {e}")
+            self._release()
+            return TransitionCallbackReturn.FAILURE
+        except Exception as e:  # a model, file or GPU error: say it, stay unconfigured
+            self.get_logger().error(f"configure failed: {type(e).__name__}: {e}\n"
+                                    f"{traceback.format_exc()}")
+            self._release()
+            return TransitionCallbackReturn.FAILURE
+        self.configure_s = time.monotonic() - t0
+        self.errors = {name: 0 for name in self.config.streams}
+        self.state = "inactive"
+        self.get_logger().info(f"configured in {self.configure_s:.2f} s ({warm})")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self._subscribe_all()
+        except Exception as e:
+            self.get_logger().error(f"activate failed: {type(e).__name__}: {e}")
+            self._unsubscribe_all()
+            return TransitionCallbackReturn.FAILURE
+        self.state = "active"
+        if self.actuation is not None and self.config.actuation.enabled:
             self.get_logger().warning(
                 f"actuation ENABLED: stream {self.actuation.stream!r} -> ~/joint_trajectory "
                 f"(joints {self.actuation.joint_names}, mode {self.actuation.guard.mode})")
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._unsubscribe_all()
+        self.state = "inactive"
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        self.state = "unconfigured"
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        self.state = "finalized"
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.get_logger().error(f"error while leaving {state.label}: releasing everything")
+        self._release()
+        self.state = "unconfigured"
+        return TransitionCallbackReturn.SUCCESS
+
+    def _make_interfaces(self) -> None:
+        """Publishers, the ~/capsule service and diagnostics: from configure to cleanup."""
+        self.actions_pub = self.create_lifecycle_publisher(ActionChunk, "~/actions", ANSWER_QOS)
+        self.text_pub = self.create_lifecycle_publisher(TextChunk, "~/text", ANSWER_QOS)
+        self.status_pub = self.create_lifecycle_publisher(Status, "~/status", ANSWER_QOS)
+        self._pubs = [self.actions_pub, self.text_pub, self.status_pub]
+        self.trajectory_pub = None
+        if self.actuation is not None:
+            from trajectory_msgs.msg import JointTrajectory
+            self.trajectory_pub = self.create_lifecycle_publisher(
+                JointTrajectory, "~/joint_trajectory", ANSWER_QOS)
+            self._pubs.append(self.trajectory_pub)
+        self._service = self.create_service(CapsuleOp, "~/capsule", self._on_capsule_op)
+        self.diagnostics = Diagnostics(self, self.pipeline.figures, hardware_id="capsule_ros",
+                                       node_values=self._node_values)
+        self.diagnostics.start()
+
+    def _release(self) -> None:
+        """Everything configure made, in reverse; flushes queued capsule writes first."""
+        self._unsubscribe_all()
+        if self.diagnostics is not None:
+            self.diagnostics.stop()
+            self.diagnostics = None
+        if self._service is not None:
+            self.destroy_service(self._service)
+            self._service = None
+        for pub in self._pubs:
+            self.destroy_lifecycle_publisher(pub)
+        self._pubs = []
+        if self.pipeline is not None:
+            self.pipeline.close()
+            self.pipeline = None
+        self.actuation = None
+        _free_device_memory()
+
+    def _subscribe_all(self) -> None:
         # Context inputs subscribe before triggers: rclpy's executor serves ready subscriptions
         # in creation order, so a context message that arrived with a trigger is taken first.
         triggers = {s.trigger for s in self.config.streams.values()}
-        ordered = sorted(self.config.inputs.values(), key=lambda i: i.name in triggers)
-        self._subs = [self._subscribe(spec) for spec in ordered]
-        self.create_subscription(Query, "~/query", self._on_query, ANSWER_QOS)
-        self.create_service(CapsuleOp, "~/capsule", self._on_capsule_op)
-        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.create_timer(1.0, self._publish_diagnostics)
+        for spec in sorted(self.config.inputs.values(), key=lambda i: i.name in triggers):
+            self._subs.append(self.create_subscription(
+                import_type(spec.type), spec.topic,
+                lambda msg, name=spec.name: self._on_input(name, msg), input_qos(spec),
+                qos_overriding_options=QoSOverridingOptions.with_default_policies()))
+        self._subs.append(self.create_subscription(Query, "~/query", self._on_query, ANSWER_QOS))
 
-    def _subscribe(self, spec) -> Any:
-        msg_type = import_type(spec.type)
-        reliability = spec.encoder.get("reliability", "reliable")
-        qos = QoSProfile(depth=spec.qos_depth, history=HistoryPolicy.KEEP_LAST,
-                         reliability=ReliabilityPolicy.BEST_EFFORT if reliability == "best_effort"
-                         else ReliabilityPolicy.RELIABLE)
-        return self.create_subscription(
-            msg_type, spec.topic, lambda msg, name=spec.name: self._on_input(name, msg), qos)
+    def _unsubscribe_all(self) -> None:
+        for sub in self._subs:
+            self.destroy_subscription(sub)
+        self._subs = []
+
+    # -- parameters ---------------------------------------------------------------------------
+    def _guard_parameters(self, params: list[Parameter]):
+        return self.params.guard(params, self.state)
+
+    def _apply_live(self, params: list[Parameter]) -> None:
+        """Live parameters take effect at once (structural ones were refused unless unconfigured,
+        and are read at the next configure)."""
+        if self.pipeline is None:
+            return
+        for p in params:
+            if p.name == "capsules.verify_every":
+                self.pipeline.engine.verify_every = int(p.value)
+            elif p.name == "actuation.enabled":
+                self.config = _with_actuation(self.config, enabled=bool(p.value))
+            elif p.name == "actuation.max_age_ms" and self.actuation is not None:
+                self.actuation.guard.max_age_ms = float(p.value)
+            elif p.name == "actuation.max_rate_hz" and self.actuation is not None:
+                self.actuation.guard.min_interval_s = 1.0 / p.value if p.value > 0 else 0.0
 
     # -- callbacks: hand on to the pipeline ---------------------------------------------------
     def _now_ns(self) -> int:
@@ -181,13 +297,12 @@ class CapsuleNode(Node):
         if isinstance(outcome, Answer):
             if isinstance(outcome.output, ActionOutput):
                 self.actions_pub.publish(to_action_chunk(outcome))
-                if self.actuation is not None and outcome.stream == self.actuation.stream:
+                if (self.actuation is not None and self.config.actuation.enabled
+                        and outcome.stream == self.actuation.stream):
                     self._actuate(outcome)
             else:
                 self.text_pub.publish(to_text_chunk(outcome))
             return
-        if outcome.stream in self.errors and outcome.code >= 100 and outcome.code < 300:
-            self.errors[outcome.stream] += 1
         log = self.get_logger().warning if outcome.code < 900 else self.get_logger().error
         log(f"[{outcome.stream}#{outcome.request_id}] {Code(outcome.code).name}: {outcome.text}")
         self.status_pub.publish(to_status(outcome, self._now_ns()))
@@ -209,6 +324,10 @@ class CapsuleNode(Node):
                 time_msg(answer.stamp_ns), act.frame_id))
 
     def _on_capsule_op(self, request: CapsuleOp.Request, response: CapsuleOp.Response):
+        if self.pipeline is None:
+            response.ok, response.code = False, int(Code.BAD_INPUT)
+            response.message = f"node is {self.state}: configure it first"
+            return response
         engine = self.pipeline.engine
         op, stream = request.op, request.stream
         try:
@@ -218,8 +337,10 @@ class CapsuleNode(Node):
                 response.json = json.dumps(engine_stats(engine))
             elif op == "rollback":
                 engine.rollback(stream, request.count or 1)
+                self.pipeline.figures.stream(stream).set_context(engine.store.position(stream))
             elif op == "reset":
                 engine.reset(stream)
+                self.pipeline.figures.stream(stream).set_context(engine.store.position(stream))
             elif op == "fork":
                 self.pipeline.fork(stream, request.target)
             elif op in ("pin", "unpin"):
@@ -228,6 +349,7 @@ class CapsuleNode(Node):
                 if stream in self.config.streams and self.config.streams[stream].trigger:
                     raise CapsuleError(f"{stream!r} is a configured stream; reset it instead")
                 engine.drop(stream)
+                self.pipeline.figures.drop(stream)
             elif op == "save":
                 response.json = json.dumps({"path": self.pipeline.save(stream, request.target)})
             elif op == "load":
@@ -244,42 +366,49 @@ class CapsuleNode(Node):
         response.message = f"{op} ok{at}"
         return response
 
-    def _publish_diagnostics(self) -> None:
-        arr = DiagnosticArray()
-        arr.header.stamp = self.get_clock().now().to_msg()
-        for name, rows in self.pipeline.latencies.items():
-            st = DiagnosticStatus(name=f"{self.get_name()}: stream {name}", hardware_id="capsule_ros")
-            st.level = DiagnosticStatus.OK
-            st.message = f"{len(rows)} queries, {self.errors.get(name, 0)} input errors"
-            values = {"queries": len(rows), "errors": self.errors.get(name, 0)}
-            # position() reads no capsule back from a lower tier
-            values["position"] = self.pipeline.engine.store.position(name)
-            for part in ("restore_ms", "append_ms", "act_ms", "commit_ms"):
-                if rows:
-                    values[f"{part}_p50"] = round(statistics.median(r[part] for r in rows), 3)
-            st.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
-            arr.status.append(st)
-        self.diag_pub.publish(arr)
+    def _node_values(self) -> dict[str, str]:
+        """Node-level figures for /diagnostics."""
+        values = {"state": self.state}
+        if self.pipeline is not None:
+            values.update(self.pipeline.node_figures())
+        if self.configure_s is not None:
+            values["configure_s"] = f"{self.configure_s:.2f}"
+        return values
 
 
-def main(argv: list[str] | None = None) -> int:
-    rclpy.init(args=argv if argv is not None else sys.argv)
+def _with_actuation(config: NodeConfig, enabled: bool) -> NodeConfig:
+    import dataclasses
+    return dataclasses.replace(config, actuation=dataclasses.replace(config.actuation,
+                                                                     enabled=enabled))
+
+
+def _free_device_memory() -> None:
+    import gc
+    gc.collect()
+    try:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # no torch CUDA runtime: nothing to free
+        pass
+
+
+def run(args: list[str] | None = None) -> int:
+    """Start, autostart if asked, spin until shut down. Called by ``capsule_ros.ros.main``,
+    which has already made SIGINT/SIGTERM raise KeyboardInterrupt."""
+    rclpy.init(args=args)
     node = None
     try:
         node = CapsuleNode()
+        if node.get_parameter("autostart").value:
+            if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+                node.trigger_activate()
         rclpy.spin(node)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except Exception as e:  # a config or model error: say it plainly, exit non-zero
-        print(f"capsule_node: {e}", file=sys.stderr)
-        return 1
     finally:
         if node is not None:
-            node.pipeline.close()  # flush queued capsule writes
+            node._release()  # flush queued capsule writes
             node.destroy_node()
         rclpy.try_shutdown()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +28,14 @@ import torch
 from ..capsule import CapsuleError
 from ..capsule.persist import Persister
 from ..capsule.tiers import TierConfig
-from ..config import NodeConfig, resolve
+from ..config import ConfigError, NodeConfig, resolve
 from ..models import HybridModel, ModelSpec
 from ..policy.encoders import build_encoder
 from ..policy.heads import ContinuousActionHead, TokenSampler, build_head
 from ..policy.weights import load_policy_weights, policy_weights_path
 from ..status_codes import CapsuleRosError, Code
 from .engine import Engine, QueryResult
+from .figures import Figures
 
 log = logging.getLogger("capsule_ros")
 
@@ -44,6 +46,7 @@ class ActionOutput:
 
     values: np.ndarray
     step_period: float
+    columns: tuple[str, ...] = ()  # the name of each column (joint or axis)
     kind = "continuous"
 
 
@@ -126,14 +129,14 @@ class TextCodec:
 class _ContinuousAct:
     """A continuous head: the whole act happens on the query's last hidden state."""
 
-    def __init__(self, head: ContinuousActionHead) -> None:
-        self.head = head
+    def __init__(self, head: ContinuousActionHead, columns: tuple[str, ...]) -> None:
+        self.head, self.columns = head, columns
 
     def first(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)
 
     def finish(self, first: torch.Tensor) -> ActionOutput:
-        return ActionOutput(first.detach().cpu().numpy(), self.head.step_period)
+        return ActionOutput(first.detach().cpu().numpy(), self.head.step_period, self.columns)
 
 
 class _TokenAct:
@@ -206,14 +209,15 @@ class Pipeline:
                                engine.model.eos_token_ids)
         self.streams = {name: _StreamState() for name in config.streams}
         self.persister: Persister | None = None
-        # Latencies per stream, for summaries and diagnostics: name -> list of dicts.
-        self.latencies: dict[str, list[dict[str, float]]] = {name: [] for name in config.streams}
+        # Bounded per-stream figures (latency window, rates, errors, context) for diagnostics.
+        self.figures = Figures(max_context=engine.model.max_len)
         for name in config.streams:
             engine.add_stream(name)
 
     @classmethod
     def build(cls, config: NodeConfig) -> "Pipeline":
         m = config.model
+        set_threads(m.threads)
         spec = ModelSpec(config_file=resolve(m.config_file) if not m.path else None,
                          path=m.path or None, seed=m.seed, dtype=m.dtype, device=m.device,
                          max_len=m.max_context)
@@ -241,7 +245,8 @@ class Pipeline:
         modules.update({f"head.{k}": v for k, v in heads.items() if isinstance(v, torch.nn.Module)})
         loaded = load_policy_weights(modules, resolve(weights_file) if weights_file else None)
         for module in modules.values():
-            module.eval()
+            # on the model's device: images are resized and projected there, not on the CPU
+            module.to(model.live.device).eval()
         pipeline = cls(config, engine, encoders, heads, loaded, tokenizer=model.tokenizer)
         if caps.persist_on_commit or caps.reload_at_start:
             if not caps.directory:
@@ -298,7 +303,48 @@ class Pipeline:
         self.config.streams[stream] = dataclasses.replace(spec, name=stream, trigger="", context=())
         self.heads[stream] = self.heads[like]
         self.streams[stream] = _StreamState()
-        self.latencies[stream] = []
+
+    # -- configure-time checks and warm-up ---------------------------------------------------
+    def check_memory(self) -> None:
+        """On a GPU: the device-tier capsule budget must fit in what the model and live state
+        left free (they are allocated by now); a budget that cannot fit is a ConfigError."""
+        device = self.engine.live.device
+        if device.type != "cuda":
+            return
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(self.config.capsules.device_budget_mb * 2**20)
+        if budget > free:
+            used = torch.cuda.memory_allocated(device)
+            raise ConfigError(f"capsules.device_budget_mb {self.config.capsules.device_budget_mb:g} "
+                              f"MiB does not fit: {free / 2**20:.0f} MiB free on {device} after the "
+                              f"model and live state ({used / 2**20:.0f} MiB)")
+
+    def warm_up(self) -> str:
+        """Capture and run every graph the configuration can reach (nothing is captured while
+        serving: ``captures`` must not move after this), and run each encoder and head once so
+        their kernels are loaded too."""
+        info = self.engine.model.warm_up(self.engine.chunk_size)
+        return (f"{info['execution']} path, {info['variants']} graph variants, "
+                f"{info['captures']} captures, warm-up {info['seconds']:.2f} s")
+
+    @property
+    def captures(self) -> int:
+        """CUDA graphs captured so far; constant after ``warm_up`` while serving."""
+        return self.engine.model.captures
+
+    def node_figures(self) -> dict[str, str]:
+        """Node-level values for diagnostics: model, device, execution path, GPU memory."""
+        model = self.engine.model
+        device = self.engine.live.device
+        values = {"model": model.model.config.model_type, "device": str(device),
+                  "dtype": self.config.model.dtype, "execution": model.execution,
+                  "captures": str(self.captures), "streams": str(len(self.streams))}
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            values["gpu_allocated_mb"] = f"{torch.cuda.memory_allocated(device) / 2**20:.0f}"
+            values["gpu_free_mb"] = f"{free / 2**20:.0f}"
+            values["gpu_total_mb"] = f"{total / 2**20:.0f}"
+        return values
 
     def describe(self) -> str:
         model = self.engine.model
@@ -318,14 +364,15 @@ class Pipeline:
                 embeds = self.encoders[input_name].encode(msg)
         except CapsuleRosError as e:
             for stream in triggered or [s.name for s, _ in fed]:
-                publish(Failure(stream, self._take_id(stream) if stream in triggered else 0,
-                                e.code, e.text))
+                self._fail(publish, Failure(stream, self._take_id(stream) if stream in triggered
+                                            else 0, e.code, e.text))
             return
         for stream_spec, is_trigger in fed:
             if not is_trigger:
                 self.streams[stream_spec.name].pending[input_name] = embeds
         stamp_ns, from_header = _stamp_of(msg, receive_ns)
         for stream in triggered:
+            self.figures.stream(stream).record_message(receive_ns, stamp_ns if from_header else None)
             self._run(stream, self._take_id(stream), embeds, input_name, stamp_ns, not from_header,
                       publish)
 
@@ -351,10 +398,10 @@ class Pipeline:
         if trigger is not None:
             parts.append(trigger)
         if not parts:
-            publish(Failure(stream, request_id, Code.NO_OBSERVATION, "nothing to append"))
+            self._fail(publish, Failure(stream, request_id, Code.NO_OBSERVATION, "nothing to append"))
             return
         embeds = torch.cat(parts)
-        act = self._act_for(self.heads[stream])
+        act = self._act_for(stream)
         try:
             result: QueryResult = self.engine.query(stream, embeds, act=act.first, source=source)
             t0 = time.perf_counter()
@@ -362,7 +409,7 @@ class Pipeline:
             decode_ms = (time.perf_counter() - t0) * 1e3
         except (CapsuleRosError, CapsuleError) as e:
             self.engine.abort()  # the stream keeps its previous boundary
-            publish(failure_from(stream, request_id, e))
+            self._fail(publish, failure_from(stream, request_id, e))
             return
         state.pending.clear()  # the context went into this boundary
         answer = Answer(stream, request_id, output, self.engine.model.position, stamp_ns,
@@ -375,17 +422,32 @@ class Pipeline:
             state.last_commit_ms = self.engine.commit()
         except CapsuleError as e:  # e.g. over every tier budget: the previous boundary stays
             self.engine.abort()
-            publish(failure_from(stream, request_id, e))
+            self._fail(publish, failure_from(stream, request_id, e))
             return
         if self.persister is not None:
             self.persister.submit(stream, self.engine.boundary(stream))
-        self.latencies[stream].append({"restore_ms": answer.restore_ms, "append_ms": answer.append_ms,
-                                       "act_ms": answer.act_ms, "commit_ms": state.last_commit_ms})
+        self.figures.stream(stream).record_answer(answer.restore_ms, answer.append_ms,
+                                                  answer.act_ms, state.last_commit_ms,
+                                                  self.engine.store.position(stream))
 
-    def _act_for(self, head: Head) -> _ContinuousAct | _TokenAct:
+    def _fail(self, publish: Publish, failure: Failure) -> None:
+        self.figures.stream(failure.stream).record_error()
+        publish(failure)
+
+    def _act_for(self, stream: str) -> _ContinuousAct | _TokenAct:
+        head = self.heads[stream]
         if isinstance(head, TokenSampler):
             return _TokenAct(head, self.engine, self.codec)
-        return _ContinuousAct(head)
+        columns = self.config.streams[stream].head.get("columns") or [f"a{i}" for i in range(head.dof)]
+        return _ContinuousAct(head, tuple(columns))
+
+
+def set_threads(threads: int) -> int:
+    """torch's intra-op threads: ``threads``, or (0) every core but one, which is left to the ROS
+    executor and the I/O threads (on 2 cores the default of 2 competed with the executor)."""
+    n = threads or max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(n)
+    return n
 
 
 def failure_from(stream: str, request_id: int, e: Exception) -> Failure:
