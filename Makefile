@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 .DEFAULT_GOAL := help
-.PHONY: help setup build demo test gpu-test clean distclean
+.PHONY: help setup build demo test gpu-test clean distclean check-aarch64
 
 ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
 ENV  := . "$(ROOT)/scripts/env.sh"
@@ -16,6 +16,7 @@ help:
 	@echo "  make demo      setup, then python -m capsule_ros.demo from the install tree"
 	@echo "  make test      setup, ros2 tools overlay (.tools), then pytest -rs test (timeout 300 s/test)"
 	@echo "  make gpu-test  GPU tests on a CUDA machine (wheels from scripts/gpu_wheels.sh)"
+	@echo "  make check-aarch64  requirements-thor.txt resolves for aarch64/cp312 (needs PyPI; not in make test)"
 	@echo "  make clean     remove build/ install/ log/ and test/demo outputs (keeps .venv)"
 	@echo "  make distclean clean, and remove .venv and the ros2 tools overlay (.tools)"
 	@echo "Use the install tree in a shell with:  . scripts/env.sh"
@@ -44,6 +45,10 @@ test: setup
 # On the GPU machine (no venv, no ROS): carried wheels into a temp target, then test/gpu.
 gpu-test:
 	@bash "$(ROOT)/scripts/gpu_test.sh"
+
+# The robot's pin set against the registry (aarch64, CPython 3.12); needs network, not in `test`.
+check-aarch64: setup
+	@$(ENV); PYTHON="$$VIRTUAL_ENV/bin/python" bash "$(ROOT)/scripts/check_aarch64.sh"
 
 clean:
 	@$(ENV); cd "$(ROOT)" && rm -rf build install log ci_test.log demo_summary.json demo_out .pytest_cache .hypothesis
