@@ -5,6 +5,8 @@
 #   CAPSULE_VENV=DIR   the venv (default ~/.venvs/capsule_ros; outside the source tree, so CMake
 #                      accepts NumPy's include path from it)
 #   TORCH_INDEX=URL    where torch comes from (default PyTorch's cu130 index)
+#   CAPSULE_KEEP_TORCH=1  keep a CUDA torch the system already has (NGC container, NVIDIA's
+#                      Jetson wheel) instead of installing the cu130 one
 # --dry-run prints every step it would take on this machine, changes nothing, exits 0.
 set -Eeuo pipefail
 
@@ -75,7 +77,9 @@ fi
 if [ -e "$VENV/COLCON_IGNORE" ]; then note "$VENV/COLCON_IGNORE present"; else run touch "$VENV/COLCON_IGNORE"; fi
 
 step "torch $TORCH_VERSION from $TORCH_INDEX (sm_110 kernels; never PyPI's aarch64 wheel, never rosdep)"
-if [ -x "$VPY" ] && "$VPY" -c "import torch,sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') and (torch.version.cuda or '').startswith('13') else 1)" 2>/dev/null; then
+if [ "${CAPSULE_KEEP_TORCH:-}" = 1 ] && [ -x "$VPY" ] && "$VPY" -c "import torch,sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
+    note "keeping the system's torch (CAPSULE_KEEP_TORCH=1): $("$VPY" -c 'import torch;print(torch.__version__, "CUDA", torch.version.cuda)')"
+elif [ -x "$VPY" ] && "$VPY" -c "import torch,sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') and (torch.version.cuda or '').startswith('13') else 1)" 2>/dev/null; then
     note "installed: $("$VPY" -c 'import torch;print(torch.__version__, "CUDA", torch.version.cuda)')"
 else
     run "$VPY" -m pip install "torch==$TORCH_VERSION" --index-url "$TORCH_INDEX"
