@@ -113,7 +113,8 @@ def test_custom_types_roundtrip(tmp_path):
                                          code=T['capsule_ros/msg/Status'].BAD_SIZE, text='x')
     chunk = T['capsule_ros/msg/ActionChunk'](
         header=header, stream='front', request_id=3, boundary=17, stamp_is_receive_time=False,
-        horizon=2, dof=3, step_period=0.1, values=np.arange(6, dtype=np.float32),
+        horizon=2, dof=3, names=['x', 'y', 'yaw'], step_period=0.1,
+        values=np.arange(6, dtype=np.float32),
         restore_ms=0.5, append_ms=1.0, act_ms=2.0, prev_commit_ms=0.25)
     items = [('/capsule_node/status', 'capsule_ros/msg/Status', 10,
               bag_io.serialize(status, 'capsule_ros/msg/Status', ts)),

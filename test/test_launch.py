@@ -66,11 +66,11 @@ def test_launch_file_declares_the_arguments_it_passes(package_root):
 def test_node_starts_with_the_launch_arguments(default_params):
     rclpy = pytest.importorskip("rclpy")
     from capsule_ros.ros.node import CapsuleNode
-    from rosutil import ros_context
+    from rosutil import activate, ros_context
 
     args = node_arguments(params_file=str(default_params), namespace="robot1", use_sim_time=True)
     with ros_context() as ctx:
-        node = CapsuleNode(context=ctx, cli_args=args.cli_args())
+        node = activate(CapsuleNode(context=ctx, cli_args=args.cli_args()))
         try:
             assert node.get_namespace() == "/robot1"
             assert node.get_fully_qualified_name() == "/robot1/capsule_node"

@@ -46,6 +46,7 @@ from capsule_ros.srv import CapsuleOp
 
 from ..capsule import CapsuleError
 from ..config import NODE_NAME, ConfigError, NodeConfig
+from ..doctor import failed, run_checks
 from ..policy.heads import ContinuousActionHead
 from ..policy.safety import ActuationGuard
 from ..runtime.engine import stats as engine_stats
@@ -142,6 +143,7 @@ class CapsuleNode(LifecycleNode):
         try:
             self.params.declare()  # sections of names set while unconfigured
             self.config = self.params.config()
+            self._check_environment(self.config.model.device)
             self.pipeline = Pipeline.build(self.config)
             self.get_logger().info(self.pipeline.describe())
             if not self.pipeline.policy_weights_loaded:
@@ -165,6 +167,18 @@ class CapsuleNode(LifecycleNode):
         self.state = "inactive"
         self.get_logger().info(f"configured in {self.configure_s:.2f} s ({warm})")
         return TransitionCallbackReturn.SUCCESS
+
+    def _check_environment(self, device: str) -> None:
+        """The doctor's checks (``python -m capsule_ros.doctor``) for this device: warnings are
+        logged, a failed check (no kernel image for this GPU, a torch without CUDA, ...) fails
+        configure with what the doctor says to do."""
+        checks = run_checks(device, probes=False)
+        for c in checks:
+            if c.status in ("warn", "fail"):
+                self.get_logger().warning(f"doctor: {c.name} {c.status}: {c.detail}")
+        bad = failed(checks)
+        if bad:
+            raise ConfigError("; ".join(f"doctor: {c.name}: {c.detail}" for c in bad))
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
