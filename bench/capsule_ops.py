@@ -128,18 +128,18 @@ def bench_model(config: str, contexts: list[int], device: torch.device, repeats:
         gen = torch.Generator().manual_seed(ctx)
         fill(live, slice(0, ctx), gen)
         meta_at = {**meta, "position": ctx}
-        boundary = capsule_ops.commit(live, fingerprint=fp, position=ctx, meta=meta_at)
+        boundary = capsule_ops.snapshot(live, fingerprint=fp, position=ctx, meta=meta_at)
         state_bytes = boundary.nbytes
-        snapshot_ms = timer(lambda: capsule_ops.commit(live, fingerprint=fp, position=ctx, meta=meta_at))
+        snapshot_ms = timer(lambda: capsule_ops.snapshot(live, fingerprint=fp, position=ctx, meta=meta_at))
         restore_ms = timer(lambda: capsule_ops.restore(boundary, live, fp))
         # 32 appended tokens: new KV rows and a new state, written directly (not timed).
         capsule_ops.restore(boundary, live, fp)
         fill(live, slice(ctx, ctx + APPEND), gen)
         meta_new = {**meta, "position": ctx + APPEND}
-        commit_samples = timer.samples(lambda: capsule_ops.commit(live, fingerprint=fp, position=ctx + APPEND,
+        commit_samples = timer.samples(lambda: capsule_ops.snapshot(live, fingerprint=fp, position=ctx + APPEND,
                                                                   meta=meta_new, parent=boundary))
         commit_ms = statistics.median(commit_samples)
-        full_commit_ms = timer(lambda: capsule_ops.commit(live, fingerprint=fp, position=ctx + APPEND,
+        full_commit_ms = timer(lambda: capsule_ops.snapshot(live, fingerprint=fp, position=ctx + APPEND,
                                                           meta=meta_new))
         delta_bytes = APPEND * layout.kv_row_bytes() + layout.state_bytes()
         rows.append({

@@ -77,7 +77,7 @@ def run(config: str, contexts: list[int], streams: list[int], device: torch.devi
                 fill(ls, slice(0, ctx), gen)
                 sets.append(ls)
             # (a) single: one live set, one capsule per stream (the streams' boundaries)
-            capsules = [capsule_ops.commit(ls, fingerprint=fp, position=ctx, meta=meta) for ls in sets]
+            capsules = [capsule_ops.snapshot(ls, fingerprint=fp, position=ctx, meta=meta) for ls in sets]
             single = sets[0]
             k = {"i": 0}
 

@@ -164,7 +164,7 @@ def run_model(name: str, entry: dict, prefixes: list[int], suffix: int, repeats:
         restore_ms, _ = timed(restore_other_stream, repeats, warmup=2)
         restore_floor_ms = 2 * capsule.nbytes / bw * 1e3
         engine.restore("A")
-        snapshot_ms, _ = timed(lambda: capsule_ops.commit(
+        snapshot_ms, _ = timed(lambda: capsule_ops.snapshot(
             hm.live, fingerprint=hm.fingerprint, position=hm.position, meta=hm.read_meta()),
             repeats, warmup=1)
 

@@ -34,6 +34,16 @@ class Code(enum.IntEnum):
     INTERNAL = 900
 
 
+# The capsule mechanism's refusals (``CapsuleError.reason``) and the codes they are published with.
+CAPSULE_REASONS = {"refused": Code.CAPSULE_REFUSED, "not_found": Code.CAPSULE_NOT_FOUND,
+                   "budget": Code.CAPSULE_BUDGET, "write_failed": Code.CAPSULE_REFUSED}
+
+
+def capsule_code(reason: str) -> Code:
+    """The status code of a capsule error's ``reason`` (unknown reasons: refused)."""
+    return CAPSULE_REASONS.get(reason, Code.CAPSULE_REFUSED)
+
+
 class CapsuleRosError(Exception):
     """An error a client must see, carrying the ``Status`` code to publish with it."""
 

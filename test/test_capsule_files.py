@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from capsule_ros.capsule import CapsuleError
+from capsule_ros.capsule import CapsuleError, CapsuleNotFound
 from capsule_ros.capsule import files
 from capsule_ros.capsule.persist import Persister
 from capsule_ros.capsule.tiers import copy_capsule
@@ -38,14 +41,14 @@ def store_digest(engine) -> dict:
     """Every tensor of every capsule the store holds (sha256), and the slots' shape."""
     s = engine.store
     return {"streams": s.list(),
-            "slots": {n: (s.position(n), len(s.slot(n)._history), s.slot(n).commits) for n in s.list()},
+            "slots": {n: (s.position(n), len(s.slot(n).held_history), s.slot(n).commits) for n in s.list()},
             "capsules": sorted((c.id, json.dumps(digest(c), sort_keys=True)) for c in s.capsules())}
 
 
 @pytest.fixture(scope="module")
 def setup():
     model = HybridModel.load(ModelSpec(config_file=CONFIG, max_len=256))
-    engine = Engine(model, chunk_size=16)
+    engine = Engine(model, chunk_size=16, full_journal=True)
     engine.meta_tensors["rng"] = torch.Generator().manual_seed(7).get_state()
     engine.add_stream("a")
     g = torch.Generator().manual_seed(3)
@@ -98,6 +101,13 @@ def test_continuation_after_load_into_dirty_buffers(setup, tmp_path):
     assert digest(engine.boundary("reloaded"))["state"] == digest(ref_boundary)["state"]
     for s in ("orig", "reloaded"):
         engine.drop(s)
+
+
+def load_into(engine, stream: str, path, fp, layout):
+    """What the pipeline's ``load`` does: read and verify the file, then install it."""
+    capsule = files.load_capsule(path, fp, layout)
+    engine.install(stream, capsule)
+    return capsule
 
 
 def _rewrite(src: Path, dst: Path, edit) -> None:
@@ -153,27 +163,27 @@ def test_bad_files_refused_and_nothing_changes(setup, tmp_path):
     live_before = {k: h(r) for k, r in engine.live.regions.items()}
     for path, why in cases.items():
         with pytest.raises(CapsuleError, match=why):
-            engine.store.load("a", path, fp, layout)
+            load_into(engine, "a", path, fp, layout)
         with pytest.raises(CapsuleError, match=why):
-            engine.store.load("new", path, fp, layout)
+            load_into(engine, "new", path, fp, layout)
     with pytest.raises(CapsuleError, match="differs in weights"):
-        engine.store.load("a", good, other.fingerprint, other.live.layout)
+        load_into(engine, "a", good, other.fingerprint, other.live.layout)
     for bad in ("../x", "a/b", "..", "", ".hidden", "x" * 80):
         with pytest.raises(CapsuleError, match="invalid capsule name"):
             files.save_capsule(capsule, tmp_path, bad, layout)
         with pytest.raises(CapsuleError, match="invalid capsule name"):
             files.load_capsule((tmp_path, bad), fp, layout)
         with pytest.raises(CapsuleError, match="invalid capsule name"):
-            engine.store.load(bad, good, fp, layout)
-    with pytest.raises(CapsuleError, match="not found"):
-        engine.store.load("a", tmp_path / "missing.capsule.safetensors", fp, layout)
+            load_into(engine, bad, good, fp, layout)
+    with pytest.raises(CapsuleNotFound, match="not found"):
+        load_into(engine, "a", tmp_path / "missing.capsule.safetensors", fp, layout)
     assert store_digest(engine) == before and "new" not in engine.store
     assert {k: h(r) for k, r in engine.live.regions.items()} == live_before
     assert not (tmp_path.parent / "x.capsule.safetensors").exists()
     # the good file still loads, through the store too
-    assert digest(engine.store.load("b", good, fp, layout)) == digest(capsule)
+    assert digest(load_into(engine, "b", good, fp, layout)) == digest(capsule)
     # into a new stream: it starts at the loaded boundary, with no history and no base
-    engine.store.load("c", good, fp, layout)
+    load_into(engine, "c", good, fp, layout)
     slot = engine.store.slot("c")
     assert len(slot.history) == 0 and slot.base is None
     assert digest(engine.store.current("c")) == digest(capsule)
@@ -195,10 +205,16 @@ def test_persister_latest_wins_and_load_all(setup, tmp_path):
         assert st["pending"] == 0 and st["failed"] == 0
         assert st["saved"] + st["superseded"] == st["submitted"] == 5
     (tmp_path / "junk.capsule.safetensors").write_bytes(b"\x00" * 40)
-    (tmp_path / ".a.capsule.safetensors.9.9.tmp").write_bytes(b"stale")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    stale = tmp_path / f".a.capsule.safetensors.{int(dead.stdout)}.0.tmp"   # a crashed writer's
+    stale.write_bytes(b"stale")
+    live = tmp_path / f".a.capsule.safetensors.{os.getpid()}.99.tmp"       # a live writer's
+    live.write_bytes(b"busy")
     loader = Persister(tmp_path, layout)
-    got = loader.load_all(fp)
+    got = loader.load_all(fp, ["a", "e", "junk", "never_saved"])
     loader.close()
+    assert loader.cleaned == [stale] and not stale.exists() and live.exists()
     assert sorted(got) == ["a", "e"] and list(loader.refused) == ["junk"]
     assert digest(got["a"]) == digest(capsule) and digest(got["e"]) == digest(empty)
     assert "truncated" in loader.refused["junk"] or "corrupted" in loader.refused["junk"]

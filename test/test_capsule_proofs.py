@@ -15,7 +15,9 @@ fails to load fails its tests, none is skipped):
   does not. So the check is sensitive and every part of the capsule is load-bearing.
 
 The cold reference never restores anything: ``engine.recompute`` writes the base (zeros) and
-re-runs the journal through the model, then ``verify.greedy`` decodes straight on the model.
+re-runs the journal through the model, then ``verify.greedy`` decodes straight on the model. As
+that replay shares the append code under test, every cold reference is itself checked against
+transformers' own one-shot forward over the same tokens (``transformers_reference``).
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ MAX_LEN = 64
 CHUNK = 16
 STEPS = 8
 TOL = 1e-5        # logits tolerance for "equal" (observed: 0.0, bit-exact, on CPU float32)
+HF_ATOL = 1e-4    # ours (chunked, over the live state) vs transformers' one-shot forward
 # A negative control "diverges" when a token differs, or the logits are not bit-identical to the
 # cold run's AND the state it carries on (after the observation or after the 8 steps) is off by
 # more than STATE_REL of its scale, or the logits move by more than LOGIT_REL of their scale. Why
@@ -106,7 +109,7 @@ def engine_greedy(e: Engine, stream: str, x: torch.Tensor, steps: int = STEPS):
 
 
 def snapshot(m: HybridModel):
-    return capsule_ops.commit(m.live, fingerprint=m.fingerprint, position=m.position,
+    return capsule_ops.snapshot(m.live, fingerprint=m.fingerprint, position=m.position,
                               meta=m.read_meta())
 
 
@@ -132,11 +135,45 @@ def run(m: HybridModel, x: torch.Tensor):
 
 
 def cold(e: Engine, capsule, x: torch.Tensor):
-    """Cold reference: recompute the boundary from its journal, then decode on the model."""
+    """Cold reference: recompute the boundary from its journal, then decode on the model. The
+    recompute goes through the engine's own append code, so the continuation is also checked
+    against transformers' own forward over the same tokens (``transformers_reference``)."""
     recomputed = e.recompute(capsule)
     report = compare_capsules(e.model.live.layout, capsule, recomputed)
     assert report.ok, report.text()
-    return run(e.model, x)
+    ref = run(e.model, x)
+    hf_tokens, hf_logits = transformers_reference(e.model, capsule, x)
+    assert ref[0] == hf_tokens, f"cold {ref[0]} != transformers {hf_tokens}"
+    torch.testing.assert_close(ref[1], hf_logits, atol=HF_ATOL, rtol=1e-4)
+    return ref
+
+
+def token_ids(m: HybridModel, embeds: torch.Tensor) -> torch.Tensor:
+    """The token ids behind token embeddings (exactly: every observation here is token
+    embeddings, so the inversion is checked bit for bit)."""
+    table = m.token_embedding()
+    with torch.no_grad():
+        rows = table(torch.arange(m.model.config.vocab_size, device=m.live.device)).float().cpu()
+    ids = torch.cdist(embeds.float().cpu(), rows).argmin(dim=1)
+    with torch.no_grad():
+        assert torch.equal(table(ids.to(m.live.device)).float().cpu(), embeds.float().cpu())
+    return ids
+
+
+@torch.no_grad()
+def transformers_reference(m: HybridModel, capsule, x: torch.Tensor, steps: int = STEPS):
+    """Greedy over the boundary's tokens + ``x``'s with transformers' own one-shot forward
+    (``input_ids``, no cache, none of our buffers): independent of the append code under test."""
+    seq = torch.cat([token_ids(m, j.embeds) for j in capsule.journal] + [token_ids(m, x)])
+    assert seq.shape[0] == capsule.position + x.shape[0]
+    tokens, logits = [], []
+    for _ in range(steps):
+        out = m.model(input_ids=seq[None].to(m.live.device), use_cache=False)
+        lg = out.logits[0, -1].float().cpu()
+        tokens.append(int(lg.argmax()))
+        logits.append(lg)
+        seq = torch.cat([seq, torch.tensor([tokens[-1]])])
+    return tokens, torch.stack(logits)
 
 
 def assert_same(ref, got, what: str) -> float:
@@ -166,13 +203,13 @@ def diverged(m: HybridModel, ref, got) -> tuple[bool, str]:
 
 # -- byte-exact restore ---------------------------------------------------------------------
 def test_restore_is_byte_exact(model):
-    e = Engine(model, chunk_size=CHUNK)
+    e = Engine(model, chunk_size=CHUNK, full_journal=True)
     e.add_stream("a")
     history(e, "a", (13, 8, 1))
     cap = e.boundary("a")
     assert len(cap.kv) == 3  # delta commits: one segment per query
     # The delta-committed capsule equals a full snapshot of the same live state.
-    full = capsule_ops.commit(model.live, fingerprint=model.fingerprint, position=model.position,
+    full = capsule_ops.snapshot(model.live, fingerprint=model.fingerprint, position=model.position,
                               meta=model.read_meta())
     assert compare_capsules(model.live.layout, cap, full).ok
     dirty(e)
@@ -198,7 +235,7 @@ def test_restore_is_byte_exact(model):
 # -- continuation after a dirty restore, with the negative controls ---------------------------
 def test_continuation_after_dirty_restore_and_negative_controls(model):
     m = model
-    e = Engine(m, chunk_size=CHUNK)
+    e = Engine(m, chunk_size=CHUNK, full_journal=True)
     e.add_stream("a")
     history(e, "a", (11, 8))
     cap = e.boundary("a")
@@ -278,7 +315,7 @@ def test_continuation_after_dirty_restore_and_negative_controls(model):
 # -- forks -------------------------------------------------------------------------------------
 def test_two_forks_continue_identically_then_diverge_without_contamination(model):
     m = model
-    e = Engine(m, chunk_size=CHUNK)
+    e = Engine(m, chunk_size=CHUNK, full_journal=True)
     e.add_stream("a")
     history(e, "a", (9, 7))
     cap = e.boundary("a")
@@ -312,7 +349,7 @@ def test_two_forks_continue_identically_then_diverge_without_contamination(model
 # -- rollback ----------------------------------------------------------------------------------
 def test_rollback_continuation(model):
     m = model
-    e = Engine(m, chunk_size=CHUNK, history_depth=4)
+    e = Engine(m, chunk_size=CHUNK, history_depth=4, full_journal=True)
     e.add_stream("a")
     caps = []
     for n in (7, 9, 3, 5):
@@ -331,7 +368,7 @@ def test_rollback_continuation(model):
 # -- rebase ------------------------------------------------------------------------------------
 def test_rebase_continuation_and_delta_commit(model):
     m = model
-    e = Engine(m, chunk_size=CHUNK, context_policy="rebase", rebase_window=2)
+    e = Engine(m, chunk_size=CHUNK, context_policy="rebase", rebase_window=2, full_journal=True)
     e.add_stream("a")
     history(e, "a", (12,) * 5)  # 60 of 64
     journal = e.boundary("a").journal
@@ -402,7 +439,7 @@ def test_verify_catches_a_stale_live_state(small):
 
 def test_verify_names_the_first_divergence_of_a_corrupted_capsule(small):
     m = small
-    e = Engine(m, chunk_size=CHUNK)
+    e = Engine(m, chunk_size=CHUNK, full_journal=True)
     e.add_stream("a")
     history(e, "a", (9, 5))
     assert e.verify("a").ok

@@ -15,9 +15,12 @@ import glob
 import itertools
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from capsule_ros.capsule import JournalEntry
 from capsule_ros.models.hybrid import HybridModel, ModelSpec
 from capsule_ros.runtime.engine import Engine
 from capsule_ros.runtime.verify import compare_capsules, live_mismatches
@@ -65,7 +68,7 @@ def make_base(e: Engine, n: int = 10):
 
 
 def test_refuse_changes_nothing(qwen):
-    e = Engine(qwen, chunk_size=CHUNK, context_policy="refuse")
+    e = Engine(qwen, chunk_size=CHUNK, context_policy="refuse", full_journal=True)
     e.add_stream("a")
     for n in (20, 20, 20):
         q(e, "a", n)
@@ -86,7 +89,7 @@ def test_refuse_changes_nothing(qwen):
 
 
 def test_reset_runs_from_the_base(qwen):
-    e = Engine(qwen, chunk_size=CHUNK, context_policy="reset")
+    e = Engine(qwen, chunk_size=CHUNK, context_policy="reset", full_journal=True)
     base = make_base(e, 10)
     e.add_stream("a", base=base)
     for n in (20, 20, 12):
@@ -105,37 +108,34 @@ def test_reset_runs_from_the_base(qwen):
     assert_cold(e, "a")
 
 
-@pytest.mark.parametrize("with_base", [False, True], ids=["empty-base", "base"])
-def test_rebase_equals_cold_run_and_delta_commits_stay_exact(qwen, with_base):
-    e = Engine(qwen, chunk_size=CHUNK, context_policy="rebase", rebase_window=3)
-    base = make_base(e, 6) if with_base else None
+# (base size, observation sizes, new query size, indices of the observations the rebase keeps):
+# the window is 3; in the second case the oldest of the last 3 (20 tokens) no longer fits.
+REBASES = {"empty-base": (0, (9, 11, 7, 13, 10), 15, (2, 3, 4)),
+           "base": (6, (9, 11, 20, 9, 5), 30, (3, 4))}
+
+
+@pytest.mark.parametrize("case", sorted(REBASES))
+def test_rebase_equals_cold_run_and_delta_commits_stay_exact(qwen, case):
+    b0, sizes, n_new, kept = REBASES[case]
+    e = Engine(qwen, chunk_size=CHUNK, context_policy="rebase", rebase_window=3, full_journal=True)
+    base = make_base(e, b0) if b0 else None
     e.add_stream("a", base=base)
-    b0 = base.position if base else 0
-    sizes = (9, 11, 7, 13, 10) if not with_base else (9, 11, 7, 13, 5)
-    for n in sizes:
-        q(e, "a", n)
-    before = e.boundary("a")
-    assert before.position == b0 + sum(sizes)
-    own = before.journal[len(base.journal) if base else 0:]
-    n_new = MAX_LEN - before.position + 1  # one past the limit
-    r = e.query("a", x(qwen, n_new), act=lambda h: h)
+    observations = [x(qwen, n) for n in sizes]
+    for obs in observations:
+        e.query("a", obs, act=lambda h: h)
+        e.commit()
+    assert e.boundary("a").position == b0 + sum(sizes)
+    new = x(qwen, n_new)
+    r = e.query("a", new, act=lambda h: h)
     assert [c for c, _ in r.events] == [Code.CONTEXT_REBASED]
     e.commit()
     cap = e.boundary("a")
-    # The latest W observations that fit after the base and before the new one.
-    budget = MAX_LEN - n_new - b0
-    tail = []
-    for entry in reversed(own[-3:]):
-        if entry.embeds.shape[0] > budget:
-            break
-        tail.insert(0, entry)
-        budget -= entry.embeds.shape[0]
-    assert tail, "the test should rebase onto at least one observation"
-    expect = (base.journal if base else ()) + tuple(tail)
-    assert len(cap.journal) == len(expect) + 1
-    assert all(a is b for a, b in zip(cap.journal, expect))
-    assert cap.position == b0 + sum(t.embeds.shape[0] for t in tail) + n_new
-    assert_cold(e, "a")
+    assert cap.position == b0 + sum(sizes[i] for i in kept) + n_new
+    # The test's own tensors, replayed from the empty state: base, the kept observations, the new one.
+    replay = ([base.journal[0].embeds] if base else []) + [observations[i] for i in kept] + [new]
+    cold = e.recompute(SimpleNamespace(journal=tuple(JournalEntry(t) for t in replay)))
+    rep = compare_capsules(qwen.live.layout, cap, cold)
+    assert rep.ok, rep.text()
     for n in (3, 5, 1):  # delta commits on the rebased boundary
         q(e, "a", n)
         assert_cold(e, "a")
@@ -144,7 +144,7 @@ def test_rebase_equals_cold_run_and_delta_commits_stay_exact(qwen, with_base):
 
 def test_too_large_for_any_policy_is_coded(qwen):
     for policy in ("refuse", "reset", "rebase"):
-        e = Engine(qwen, chunk_size=CHUNK, context_policy=policy)
+        e = Engine(qwen, chunk_size=CHUNK, context_policy=policy, full_journal=True)
         e.add_stream("a")
         with pytest.raises(CapsuleRosError) as err:
             e.query("a", x(qwen, MAX_LEN + 1), act=lambda h: h)
@@ -159,7 +159,7 @@ def test_exact_limit_never_an_index_error(config):
     max_len = 24
     m = load(config, max_len)
     for policy in ("refuse", "reset", "rebase"):
-        e = Engine(m, chunk_size=CHUNK, context_policy=policy, rebase_window=2)
+        e = Engine(m, chunk_size=CHUNK, context_policy=policy, rebase_window=2, full_journal=True)
         for k in (0, 1, CHUNK):
             s = f"{policy}{k}"
             e.add_stream(s)
@@ -188,7 +188,7 @@ def test_exact_limit_never_an_index_error(config):
             e.commit()
             assert_cold(e, s)
     # Decode one token at a time up to the last position.
-    e = Engine(m, chunk_size=CHUNK, context_policy="refuse")
+    e = Engine(m, chunk_size=CHUNK, context_policy="refuse", full_journal=True)
     e.add_stream("d")
     e.query("d", x(m, max_len - 3), act=lambda h: h)
     for _ in range(3):

@@ -7,11 +7,13 @@ A capsule holds
 * a full copy of every constant-size region (conv and recurrent state);
 * metadata: JSON-able values (flags, pending token, step counter) and small named tensors
   (sampler RNG state) — whatever the adapter says the next step reads;
-* the journal: the observations appended since the stream's base, so the boundary can be
-  recomputed cold (verify mode) or rebuilt on a shorter context (rebase);
+* the journal: the latest observations appended before this boundary, contiguous and ending at
+  ``position`` -- as many as the caller keeps (none, the last few for a rebase, or all of them
+  from the empty state for verify mode);
 * the fingerprint of what it binds to.
 
-Nothing here writes into a capsule after it is made.
+Nothing here writes into a capsule after it is made. ``snapshot`` makes one from the live state;
+``restore`` copies one back.
 """
 from __future__ import annotations
 
@@ -22,14 +24,12 @@ from typing import Any, Mapping
 
 import torch
 
+from .errors import CapsuleError
 from .fingerprint import Fingerprint
 from .layout import Kind, LiveState, StateLayout
 
 _ids = itertools.count(1)
-
-
-class CapsuleError(Exception):
-    """A capsule operation was refused; nothing was changed."""
+JOURNAL = "journal"   # the byte-count key of the journal, beside the layout's kinds
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,10 @@ class JournalEntry:
     embeds: torch.Tensor  # [n, hidden]
     source: str = ""      # e.g. "front_cam+joints"; for reports only
 
+    @property
+    def nbytes(self) -> int:
+        return self.embeds.numel() * self.embeds.element_size()
+
 
 @dataclass(frozen=True, eq=False)
 class Capsule:
@@ -67,22 +71,26 @@ class Capsule:
     journal: tuple[JournalEntry, ...] = ()
     id: int = field(default_factory=lambda: next(_ids))
 
-    def nbytes_by_kind(self, layout: StateLayout) -> dict[str, int]:
-        """Bytes this capsule's state holds, by kind (shared KV prefix segments included)."""
-        out = {k.value: 0 for k in Kind}
-        out[Kind.KV.value] = sum(seg.nbytes for seg in self.kv)
-        for spec in layout.specs:
-            if spec.kind is not Kind.KV:
-                out[spec.kind.value] += spec.row_elems * spec.dtype.itemsize
-        out[Kind.META.value] = sum(t.numel() * t.element_size() for t in self.meta_tensors.values())
-        return out
+    def nbytes_by_kind(self) -> dict[str, int]:
+        """Bytes this capsule holds, by kind: kv (shared prefix segments included), state (conv +
+        recurrent regions), meta (metadata tensors) and journal."""
+        return {Kind.KV.value: sum(seg.nbytes for seg in self.kv),
+                "state": sum(_nbytes(t) for t in self.state.values()),
+                Kind.META.value: sum(_nbytes(t) for t in self.meta_tensors.values()),
+                JOURNAL: sum(e.nbytes for e in self.journal)}
 
     @property
     def nbytes(self) -> int:
-        kv = sum(seg.nbytes for seg in self.kv)
-        state = sum(t.numel() * t.element_size() for t in self.state.values())
-        meta = sum(t.numel() * t.element_size() for t in self.meta_tensors.values())
-        return kv + state + meta
+        """Every byte the capsule holds (journal included)."""
+        return sum(self.nbytes_by_kind().values())
+
+    def journal_starts(self) -> list[int]:
+        """The position each journal entry was appended at (the journal ends at ``position``)."""
+        starts, end = [], self.position
+        for entry in reversed(self.journal):
+            end -= entry.embeds.shape[0]
+            starts.append(end)
+        return starts[::-1]
 
     def kv_rows(self, key: str) -> torch.Tensor:
         """The valid KV rows of one region as one tensor (a copy when there are several segments)."""
@@ -91,13 +99,25 @@ class Capsule:
             raise KeyError(key)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def compacted(self) -> "Capsule":
-        """The same capsule with its KV chain merged into one segment (same id)."""
-        if len(self.kv) <= 1:
-            return self
-        keys = list(self.kv[0].rows)
-        merged = KVSegment(0, MappingProxyType({k: self.kv_rows(k) for k in keys}))
-        return _replace(self, kv=(merged,))
+    def with_run_merged(self, a: int, b: int, merged: KVSegment) -> "Capsule":
+        """The same capsule (same id) with segments ``[a, b)`` replaced by ``merged``, one
+        segment holding the same rows."""
+        assert merged.start == self.kv[a].start and merged.stop == self.kv[b - 1].stop
+        return _replace(self, kv=(*self.kv[:a], merged, *self.kv[b:]))
+
+    def replaced(self, **changes: Any) -> "Capsule":
+        """The same capsule (same id) with other tensors for the same bytes (a tier move)."""
+        return _replace(self, **changes)
+
+
+def merge_segments(segments: tuple[KVSegment, ...]) -> KVSegment:
+    """One segment holding the rows of a contiguous run of segments."""
+    keys = list(segments[0].rows)
+    return KVSegment(segments[0].start, MappingProxyType({k: torch.cat([s.rows[k] for s in segments]) for k in keys}))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _replace(capsule: Capsule, **changes: Any) -> Capsule:
@@ -118,15 +138,15 @@ def _clone_rows(live: LiveState, start: int, stop: int) -> KVSegment | None:
     return KVSegment(start, _frozen(rows))
 
 
-def commit(live: LiveState, *, fingerprint: Fingerprint, position: int, meta: Mapping[str, Any],
-           meta_tensors: Mapping[str, torch.Tensor] | None = None,
-           journal: tuple[JournalEntry, ...] = (), parent: Capsule | None = None,
-           max_segments: int = 32) -> Capsule:
-    """Freeze the live state at ``position``.
+def snapshot(live: LiveState, *, fingerprint: Fingerprint, position: int, meta: Mapping[str, Any],
+             meta_tensors: Mapping[str, torch.Tensor] | None = None,
+             journal: tuple[JournalEntry, ...] = (), parent: Capsule | None = None) -> Capsule:
+    """Freeze the live state at ``position`` into a new capsule.
 
     With a ``parent`` whose rows ``[0, parent.position)`` the live state still holds unchanged
     (the caller's promise: it restored ``parent`` and only appended since), only the new KV rows
-    are copied and the parent's segments are shared. Without one, the whole valid range is copied.
+    are copied and the parent's segments are shared (a delta). Without one, the whole valid range
+    is copied.
     """
     if not 0 <= position <= live.layout.max_len:
         raise CapsuleError(f"position {position} outside [0, {live.layout.max_len}]")
@@ -139,12 +159,10 @@ def commit(live: LiveState, *, fingerprint: Fingerprint, position: int, meta: Ma
     if new is not None:
         segments.append(new)
     state = _frozen({k: r.clone() for k, r in live.state_regions().items()})
-    capsule = Capsule(fingerprint=fingerprint, position=position, kv=tuple(segments), state=state,
-                      meta=_frozen(meta),
-                      meta_tensors=_frozen({k: t.clone() for k, t in (meta_tensors or {}).items()}),
-                      journal=tuple(journal))
-    # Long chains make restore a copy per segment; merge them now and then.
-    return capsule.compacted() if len(capsule.kv) > max_segments else capsule
+    return Capsule(fingerprint=fingerprint, position=position, kv=tuple(segments), state=state,
+                   meta=_frozen(meta),
+                   meta_tensors=_frozen({k: t.clone() for k, t in (meta_tensors or {}).items()}),
+                   journal=tuple(journal))
 
 
 def restore(capsule: Capsule, live: LiveState, expected: Fingerprint) -> None:

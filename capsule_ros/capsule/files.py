@@ -16,10 +16,13 @@ and, in the safetensors metadata (str -> str), two entries:
 * ``capsule_ros.sha256``  the sha256 of that header text, so a flipped byte in the header is
                           caught as surely as one in the payload.
 
-A save writes a temp file in the same directory (``.<name>.capsule.safetensors.<pid>.<n>.tmp``),
-flushes and fsyncs it, renames it onto the final name (atomic) and fsyncs the directory. A crash at
-any point leaves either the previous file or the new one, never a torn one. Stale temp files are
-ignored by ``load_capsule`` and removed by the next save of the same name.
+A save writes a temp file in the same directory (``.<name>.capsule.safetensors.<pid>.<n>.tmp``,
+unique per writer, so two writers of one name never touch each other's temp file), flushes and
+fsyncs it, renames it onto the final name (atomic) and fsyncs the directory: the steps in
+``SAVE_STEPS``. A crash at any point leaves either the previous file or the new one, never a torn
+one. A failed write (disk full) raises ``CapsuleWriteError`` and leaves the previous file as it
+was. Temp files are ignored by ``load_capsule``; ``clean_stale_temps`` removes those whose writer
+process is gone (the directory's owner calls it at start).
 
 A load parses and checks everything before it builds the capsule: a refused load raises
 ``CapsuleFileError`` (a ``CapsuleError``) naming the problem, and has no effect.
@@ -30,7 +33,6 @@ import hashlib
 import itertools
 import json
 import os
-import signal
 import struct
 from pathlib import Path
 from types import MappingProxyType
@@ -38,43 +40,27 @@ from typing import Any, Mapping
 
 import torch
 
-from ..status_codes import Code
-from .capsule import Capsule, CapsuleError, JournalEntry, KVSegment
+from .capsule import Capsule, JournalEntry, KVSegment
+from .errors import CapsuleError, CapsuleFileError, CapsuleNotFound, CapsuleWriteError
 from .fingerprint import Fingerprint
 from .layout import Kind, StateLayout, dtype_from_name, dtype_name, region_key
+from .names import check_name
 
 FORMAT = "capsule_ros.capsule"
 FORMAT_VERSION = 1
 SUFFIX = ".capsule.safetensors"
 HEADER_KEY = "capsule_ros"
 HEADER_SHA_KEY = "capsule_ros.sha256"
-CRASH_ENV = "CAPSULE_ROS_CRASH_AT"
-CRASH_POINTS = ("tmp_written", "tmp_synced", "renamed", "dir_synced")
+TMP_SUFFIX = ".tmp"
+# The steps of a save, in order (crash tests stop a child process after each one).
+SAVE_STEPS = ("_write_tmp", "_fsync_file", "_rename", "_fsync_dir")
 
 _tmp_counter = itertools.count()
-
-
-class CapsuleFileError(CapsuleError):
-    """A capsule file was refused (or could not be written); nothing was changed."""
-
-    code = Code.CAPSULE_REFUSED
-
-
-class CapsuleNotFound(CapsuleFileError):
-    code = Code.CAPSULE_NOT_FOUND
-
-
-def _crash_point(tag: str) -> None:
-    """Crash-injection hook for tests: SIGKILL this process at the named step of a save."""
-    if os.environ.get(CRASH_ENV) == tag:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # -- names and paths -----------------------------------------------------------------------
 def capsule_path(directory: str | os.PathLike, name: str) -> Path:
     """The file of capsule ``name`` in ``directory``; refuses names that could escape it."""
-    from .store import check_name  # late: store imports the tiers, which import this module
-
     try:
         check_name(name)
     except CapsuleError as e:
@@ -91,12 +77,50 @@ def _tmp_prefix(name: str) -> str:
 
 
 def stale_temps(directory: str | os.PathLike, name: str) -> list[Path]:
-    """Temp files a crashed save of ``name`` left behind."""
+    """Temp files of saves of ``name`` (finished saves leave none)."""
     prefix = _tmp_prefix(name)
+    return [p for p in _temps(directory) if p.name.startswith(prefix)]
+
+
+def _temps(directory: str | os.PathLike) -> list[Path]:
     root = Path(directory)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp"))
+    return sorted(p for p in root.iterdir()
+                  if p.name.startswith(".") and SUFFIX in p.name and p.name.endswith(TMP_SUFFIX))
+
+
+def _writer_pid(temp: Path) -> int | None:
+    try:
+        return int(temp.name[: -len(TMP_SUFFIX)].rsplit(".", 2)[-2])
+    except (ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Remove temp files whose writer process is gone (a crashed save); never a live writer's,
+    this process's included. Returns what was removed."""
+    removed = []
+    for temp in _temps(directory):
+        pid = _writer_pid(temp)
+        if pid is not None and (pid == os.getpid() or _alive(pid)):
+            continue
+        try:
+            temp.unlink()
+            removed.append(temp)
+        except FileNotFoundError:  # another cleaner got there first
+            pass
+    return removed
 
 
 def list_capsules(directory: str | os.PathLike) -> list[str]:
@@ -182,6 +206,29 @@ def _header(capsule: Capsule, layout: StateLayout, tensors: Mapping[str, torch.T
 
 
 # -- save ----------------------------------------------------------------------------------
+def _write_tmp(tmp: Path, data: bytes) -> None:
+    # O_EXCL: a temp name is one writer's; never truncate someone else's file
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(tmp: Path) -> None:
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rename(tmp: Path, path: Path) -> None:
+    os.replace(tmp, path)
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -190,47 +237,50 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def save_capsule(capsule: Capsule, directory: str | os.PathLike, name: str,
-                 layout: StateLayout) -> Path:
-    """Write ``capsule`` as ``directory/<name>.capsule.safetensors`` atomically; return the path."""
-    from safetensors.torch import save_file
+def encode_capsule(capsule: Capsule, layout: StateLayout) -> bytes:
+    """The bytes of a capsule file (safetensors with the capsule header)."""
+    from safetensors.torch import save
 
-    root = Path(directory)
-    path = capsule_path(root, name)
     if capsule.fingerprint.layout != layout.digest():
-        raise CapsuleFileError(f"capsule {name!r} was made for another layout "
+        raise CapsuleFileError(f"capsule was made for another layout "
                                f"({capsule.fingerprint.layout} != {layout.digest()})")
-    root.mkdir(parents=True, exist_ok=True)
     tensors = capsule_tensors(capsule)
     header = _header(capsule, layout, tensors)
     metadata = {HEADER_KEY: header, HEADER_SHA_KEY: hashlib.sha256(header.encode()).hexdigest()}
+    return save(tensors, metadata=metadata)
 
-    for stale in stale_temps(root, name):  # a crashed earlier save of this name
-        try:
-            stale.unlink()
-        except FileNotFoundError:
-            pass
-    tmp = root / f"{_tmp_prefix(name)}{os.getpid()}.{next(_tmp_counter)}.tmp"
+
+def save_capsule(capsule: Capsule, directory: str | os.PathLike, name: str,
+                 layout: StateLayout) -> Path:
+    """Write ``capsule`` as ``directory/<name>.capsule.safetensors`` atomically; return the path.
+
+    A failure raises ``CapsuleWriteError`` (a full disk) or ``CapsuleFileError`` and leaves any
+    previous file of that name intact."""
+    root = Path(directory)
+    path = capsule_path(root, name)
+    data = encode_capsule(capsule, layout)
+    tmp = root / f"{_tmp_prefix(name)}{os.getpid()}.{next(_tmp_counter)}{TMP_SUFFIX}"
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        _crash_point("tmp_written")
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _crash_point("tmp_synced")
-        os.replace(tmp, path)
-        _crash_point("renamed")
+        root.mkdir(parents=True, exist_ok=True)
+        _write_tmp(tmp, data)
+        _fsync_file(tmp)
+        _rename(tmp, path)
         _fsync_dir(root)
-        _crash_point("dir_synced")
+    except OSError as e:
+        _discard(tmp)
+        raise CapsuleWriteError(f"saving capsule {name!r} to {str(root)!r} failed: {e.strerror or e}; "
+                                "the previous file is intact") from e
     except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
+        _discard(tmp)
         raise
     return path
+
+
+def _discard(tmp: Path) -> None:
+    try:
+        tmp.unlink()
+    except OSError:
+        pass
 
 
 # -- load ----------------------------------------------------------------------------------

@@ -3,13 +3,16 @@
 ``Persister.submit(stream, capsule)`` is O(1) on the caller's thread: it records the capsule as
 the stream's latest and wakes a background writer. The writer saves each stream's latest
 capsule (``files.save_capsule``: temp file, fsync, atomic rename, directory fsync) as
-``<directory>/<stream>.capsule.safetensors``. A stream committed again before its file was
+``<directory>/<stream>.capsule.safetensors``; ``directory`` is the node's ``streams/`` directory
+(``places.CapsuleDirs.streams``), which nothing else writes: one writer per file. A stream committed again before its file was
 written is written once, with the newest capsule (the older one is *superseded*). Capsules are
 immutable, so the writer reads them without locks while the engine goes on.
 
 ``flush()`` waits until everything submitted so far is on disk; ``close()`` flushes and stops the
-writer. ``load_all(expected)`` reads every persisted stream back, verified; files that fail any
-check are refused, reported in ``refused`` (and the log), and skipped, never fatal.
+writer. ``load_all(expected, names)`` reads the named streams back, verified (files of other
+names are neither read nor touched); files that fail any check are refused, reported in
+``refused`` (and the log), and skipped, never fatal. Temp files of a crashed earlier writer are
+removed when the persister starts.
 """
 from __future__ import annotations
 
@@ -18,13 +21,14 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
-from .capsule import Capsule, CapsuleError
-from .files import list_capsules, load_capsule, save_capsule
+from .capsule import Capsule
+from .errors import CapsuleError, CapsuleNotFound
+from .files import clean_stale_temps, load_capsule, save_capsule
 from .fingerprint import Fingerprint
 from .layout import StateLayout
-from .store import check_name
+from .names import check_name
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,7 @@ class Persister:
                  on_error: Callable[[str, Exception], None] | None = None) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.cleaned = clean_stale_temps(self.directory)   # a crashed writer's leftovers
         self.layout = layout
         self.on_error = on_error
         self.counters = {"submitted": 0, "saved": 0, "superseded": 0, "failed": 0,
@@ -131,14 +136,18 @@ class Persister:
                     self._cond.notify_all()
 
     # -- start-up --------------------------------------------------------------------------
-    def load_all(self, expected: Fingerprint, device="cpu") -> dict[str, Capsule]:
-        """Every persisted stream's capsule, verified. Bad files are refused and reported in
-        ``self.refused`` (name -> reason), never raised."""
+    def load_all(self, expected: Fingerprint, names: Iterable[str],
+                 device: str = "cpu") -> dict[str, Capsule]:
+        """The persisted capsules of ``names`` (the configured or adopted streams), verified.
+        A missing file is no error (the stream starts empty); a bad one is refused and reported
+        in ``self.refused`` (name -> reason), never raised."""
         out: dict[str, Capsule] = {}
         self.refused = {}
-        for name in list_capsules(self.directory):
+        for name in names:
             try:
                 out[name] = load_capsule((self.directory, name), expected, self.layout, device=device)
+            except CapsuleNotFound:
+                continue
             except CapsuleError as e:
                 self.refused[name] = str(e)
                 log.warning("not reloading persisted stream %r: %s", name, e)

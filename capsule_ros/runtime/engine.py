@@ -2,7 +2,9 @@
 
 A query on a stream: restore the stream's boundary into the live buffers (skipped when they
 already hold it), append the new observation embeddings, act on the last hidden state, and hand
-the result back; the caller publishes, then calls ``commit`` to freeze the new boundary. Streams
+the result back; the caller publishes, then calls ``commit``, which records the new boundary: a
+snapshot of the live state that becomes the stream's current capsule in the store (the one
+meaning of "commit" here and in the store). Streams
 never see each other's state: every query starts from its own stream's capsule.
 
 Verify mode (``verify_every=N``): every N commits of a stream, its boundary is recomputed cold
@@ -10,6 +12,10 @@ from its base and journal (same chunking) and compared buffer by buffer with the
 capsule (``runtime/verify.py``); a mismatch is counted (``verify_mismatches``), logged and kept
 as ``last_verify`` with the first divergence. It never raises on the query path, and leaves the
 live buffers holding the stream's boundary.
+
+The journal (the appended embeddings a capsule carries) is kept only for what needs it: all of it
+while verify mode (or ``full_journal``) is on (a cold recompute replays it from the empty state), the last
+``rebase_window`` entries under the rebase policy, none otherwise.
 
 This is where a query is scheduled. It knows buffers only through the model binding and the
 capsule mechanism, and nothing about ROS.
@@ -25,8 +31,10 @@ import torch
 
 from ..capsule import Capsule, CapsuleError, CapsuleStore, JournalEntry
 from ..capsule import capsule as capsule_ops
+from ..capsule.tiers import TierFiles
 from ..models.hybrid import HybridModel
 from ..status_codes import CapsuleRosError, Code
+from .tier_policy import TierConfig, TierPolicy
 from .verify import VerifyReport, compare_capsules
 
 T = TypeVar("T")
@@ -56,7 +64,8 @@ class _Pending:
 class Engine:
     def __init__(self, model: HybridModel, *, history_depth: int = 8, chunk_size: int = 64,
                  context_policy: str = "reset", rebase_window: int = 8,
-                 max_segments: int = 32, verify_every: int = 0, verify_atol: float = 0.0) -> None:
+                 max_segments: int = 32, verify_every: int = 0, verify_atol: float = 0.0,
+                 full_journal: bool = False) -> None:
         if verify_every < 0:
             raise ValueError("verify_every must be >= 0")
         if context_policy not in POLICIES:
@@ -64,15 +73,19 @@ class Engine:
         if chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
         self.model = model
-        self.store = CapsuleStore(history_depth)
+        self.store = CapsuleStore(history_depth, max_segments=max_segments, device=model.live.device,
+                                  pin_host=torch.cuda.is_available())
+        self.tiers = TierPolicy(None)   # no budgets: nothing ever moves between tiers
         self.chunk_size = chunk_size
         self.context_policy = context_policy
         self.rebase_window = rebase_window
-        self.max_segments = max_segments
         # Verify mode: every ``verify_every`` commits of a stream, recompute its boundary cold
         # from the journal and compare buffer by buffer (bit-exact unless ``verify_atol`` > 0).
         self.verify_every = verify_every
         self.verify_atol = verify_atol
+        # The whole journal from the empty state: what a cold recompute replays (verify mode
+        # turns it on; so do proofs and tools that recompute a boundary).
+        self.full_journal = full_journal or verify_every > 0
         self.last_verify: VerifyReport | None = None
         self.counters = {"queries": 0, "restores": 0, "restores_skipped": 0, "commits": 0,
                          "context_resets": 0, "context_rebases": 0, "rebase_ms_total": 0.0,
@@ -91,7 +104,7 @@ class Engine:
         for region in self.model.live.regions.values():
             region.zero_()
         self.model.write_meta(self.model.empty_meta())
-        empty = capsule_ops.commit(self.model.live, fingerprint=self.model.fingerprint, position=0,
+        empty = capsule_ops.snapshot(self.model.live, fingerprint=self.model.fingerprint, position=0,
                                    meta=self.model.read_meta())
         self._live_capsule = empty
         return empty
@@ -100,7 +113,29 @@ class Engine:
         """A new stream, starting empty or at ``base`` (which ``reset`` returns to)."""
         if base is not None:
             self._check_fingerprint(base)
-        self.store.create(stream, base)
+        self.tiers.create(self.store, stream, base)
+
+    def install(self, stream: str, capsule: Capsule) -> None:
+        """``capsule`` (e.g. loaded from a file) becomes the stream's boundary; a new stream
+        starts at it with no history and no base."""
+        self._idle()
+        self._check_fingerprint(capsule)
+        self.tiers.install(self.store, stream, capsule)
+
+    def configure_tiers(self, config: TierConfig, files: TierFiles | None = None) -> None:
+        """Tier budgets, and the node's own tier directory for a file tier. What is held now is
+        brought within the new budgets (``CapsuleBudgetError`` if it cannot be)."""
+        self.store.files = files
+        self.tiers = TierPolicy(config)
+        self.tiers.rebalance(self.store)
+
+    def journal_kept(self, journal: tuple[JournalEntry, ...]) -> tuple[JournalEntry, ...]:
+        """The part of a journal the enabled features need (see the module docstring)."""
+        if self.full_journal:
+            return journal
+        if self.context_policy == "rebase" and self.rebase_window:
+            return journal[-self.rebase_window:]
+        return ()
 
     @property
     def live(self):
@@ -131,13 +166,13 @@ class Engine:
             events = [(code, f"{text} ({rebase_ms:.1f} ms to re-append "
                              f"{sum(e.embeds.shape[0] for e in replay)} tokens)")
                       if code is Code.CONTEXT_REBASED else (code, text) for code, text in events]
-        journal = start.journal + replay
+        journal = self.journal_kept(start.journal + replay)
         t1 = _now(self.live.device)
         hidden = self._append(entry.embeds)
         t2 = _now(self.live.device)
         output = act(hidden[-1])
         t3 = _now(self.live.device)
-        self._pending = _Pending(stream, start, journal + (entry,))
+        self._pending = _Pending(stream, start, self.journal_kept(journal + (entry,)))
         self.counters["queries"] += 1
         return QueryResult(stream, output, self.model.position, (t1 - t0) * 1e3, (t2 - t1) * 1e3,
                            (t3 - t2) * 1e3, restored, events)
@@ -155,21 +190,23 @@ class Engine:
                                   f"exceeds context {self.model.max_len}")
         entry = JournalEntry(embeds.detach().clone(), source)  # stays on its device: no host sync per query
         hidden = self._append(entry.embeds)
-        self._pending.journal = self._pending.journal + (entry,)
+        self._pending.journal = self.journal_kept(self._pending.journal + (entry,))
         return hidden
 
     def commit(self) -> float:
-        """Freeze the live state as the pending stream's new boundary. Returns milliseconds."""
+        """Record the pending query's boundary: snapshot the live state (a delta on the boundary
+        it started from) and make it the stream's current capsule. Returns milliseconds."""
         if self._pending is None:
             raise RuntimeError("commit without a query")
         p, self._pending = self._pending, None
         t0 = _now(self.live.device)
-        capsule = capsule_ops.commit(self.live, fingerprint=self.model.fingerprint,
-                                     position=self.model.position, meta=self.model.read_meta(),
-                                     meta_tensors=self.meta_tensors, journal=p.journal,
-                                     parent=p.parent, max_segments=self.max_segments)
-        self.store.commit(p.stream, capsule)
-        self._live_capsule = capsule
+        capsule = capsule_ops.snapshot(self.live, fingerprint=self.model.fingerprint,
+                                       position=self.model.position, meta=self.model.read_meta(),
+                                       meta_tensors=self.meta_tensors, journal=p.journal,
+                                       parent=p.parent)
+        self.tiers.commit(self.store, p.stream, capsule)
+        # the store may have merged segments (a new object, same bytes) or moved it to host
+        self._live_capsule = self.store.slot(p.stream).held_current.capsule
         self.counters["commits"] += 1
         ms = (_now(self.live.device) - t0) * 1e3
         if self.verify_every and self.store.slot(p.stream).commits % self.verify_every == 0:
@@ -182,13 +219,15 @@ class Engine:
         self._live_capsule = None
 
     # -- verbs -----------------------------------------------------------------------------
-    def rollback(self, stream: str, k: int = 1) -> Capsule | None:
+    def rollback(self, stream: str, k: int = 1) -> Capsule:
         self._idle()
-        return self.store.rollback(stream, k)
+        self.store.rollback(stream, k)
+        return self.boundary(stream)
 
-    def reset(self, stream: str) -> Capsule | None:
+    def reset(self, stream: str) -> Capsule:
         self._idle()
-        return self.store.reset(stream)
+        self.tiers.reset(self.store, stream)
+        return self.boundary(stream)
 
     def fork(self, source: str, new_stream: str) -> None:
         self._idle()
@@ -199,8 +238,15 @@ class Engine:
         self.store.drop(stream)
 
     def boundary(self, stream: str) -> Capsule:
-        """The stream's current boundary (the empty capsule for a stream with no context)."""
-        return self.store.current(stream) or self.empty
+        """The stream's current boundary (the empty capsule for a stream with no context),
+        brought back from a lower tier if it sits there."""
+        return self._fetch(self.store.slot(stream).held_current) or self.empty
+
+    def _fetch(self, held) -> Capsule | None:
+        try:
+            return self.tiers.fetch(self.store, held)
+        except CapsuleError as e:
+            raise CapsuleRosError(Code.CAPSULE_BUDGET, str(e)) from e
 
     def restore(self, stream: str) -> bool:
         """Load the stream's boundary into the live buffers (tests and tools; queries do it themselves)."""
@@ -223,8 +269,11 @@ class Engine:
         """
         self._idle()
         slot = self.store.slot(stream)
-        committed = slot.current or self.empty
-        base = slot.base or self.empty
+        committed = self._fetch(slot.held_current) or self.empty
+        base = self._fetch(slot.held_base) or self.empty
+        if sum(e.embeds.shape[0] for e in committed.journal) != committed.position:
+            raise CapsuleError(f"stream {stream!r}: its journal does not reach back to the empty "
+                               "state (a full journal is kept only while verify_every > 0 or full_journal)")
         if len(base.journal) > len(committed.journal) or any(
                 a is not b for a, b in zip(committed.journal, base.journal)):
             base = self.empty  # the base is not an ancestor of this boundary: replay it all
@@ -267,7 +316,7 @@ class Engine:
         self._restore(base)
         for entry in capsule.journal[len(base.journal):]:
             self._append(entry.embeds)
-        cold = capsule_ops.commit(self.live, fingerprint=self.model.fingerprint,
+        cold = capsule_ops.snapshot(self.live, fingerprint=self.model.fingerprint,
                                   position=self.model.position, meta=self.model.read_meta(),
                                   meta_tensors=self.meta_tensors, journal=capsule.journal)
         self._live_capsule = cold
@@ -314,11 +363,11 @@ class Engine:
         observations that fit). Never a silent wrap.
         """
         slot = self.store.slot(stream)
-        current = slot.current or self.empty
+        current = self._fetch(slot.held_current) or self.empty
         limit = self.model.max_len
         if current.position + n <= limit:
             return current, (), []
-        base = slot.base or self.empty
+        base = self._fetch(slot.held_base) or self.empty
         why = f"stream {stream!r}: context {current.position}+{n} exceeds {limit}"
         if self.context_policy == "refuse":
             raise CapsuleRosError(Code.CONTEXT_FULL, why + " (policy refuse)")
@@ -334,7 +383,8 @@ class Engine:
 
     def _rebase_tail(self, current: Capsule, base: Capsule, budget: int) -> tuple[JournalEntry, ...]:
         """The latest journal entries (at most ``rebase_window``) that fit after the base."""
-        own = current.journal[len(base.journal):]
+        own = [e for e, start in zip(current.journal, current.journal_starts())
+               if start >= base.position]
         tail: list[JournalEntry] = []
         used = base.position
         for entry in reversed(own[-self.rebase_window:] if self.rebase_window else ()):
@@ -352,8 +402,10 @@ def _now(device: torch.device) -> float:
 
 
 def stats(engine: Engine) -> dict[str, Any]:
-    """Counts and bytes for diagnostics."""
+    """Counts and bytes for diagnostics: the store's bytes by kind and tier, budgets, counters."""
     out = engine.store.stats()
+    out["tier_counters"] = {**out.pop("counters"), **engine.tiers.counters}
+    out["budgets"] = engine.tiers.stats(engine.store)["budgets"]
     out["counters"] = dict(engine.counters)
     out["live_bytes"] = sum(r.numel() * r.element_size() for r in engine.live.regions.values())
     return out

@@ -19,22 +19,24 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ..capsule import CapsuleError
+from ..capsule.files import clean_stale_temps, list_capsules, load_capsule, save_capsule
 from ..capsule.persist import Persister
-from ..capsule.tiers import TierConfig
+from ..capsule.places import CapsuleDirs, OwnerLock
+from ..capsule.tiers import TierFiles
 from ..config import ConfigError, NodeConfig, resolve
 from ..models import HybridModel, ModelSpec
 from ..policy.encoders import build_encoder
 from ..policy.heads import ContinuousActionHead, TokenSampler, build_head
 from ..policy.weights import load_policy_weights, policy_weights_path
-from ..status_codes import CapsuleRosError, Code
+from ..status_codes import CapsuleRosError, Code, capsule_code
 from .engine import Engine, QueryResult
+from .tier_policy import TierConfig
 from .figures import Figures
 
 log = logging.getLogger("capsule_ros")
@@ -209,13 +211,19 @@ class Pipeline:
                                engine.model.eos_token_ids)
         self.streams = {name: _StreamState() for name in config.streams}
         self.persister: Persister | None = None
+        self.dirs: CapsuleDirs | None = None       # capsule files, when capsules.directory is set
+        self._owner: OwnerLock | None = None
         # Bounded per-stream figures (latency window, rates, errors, context) for diagnostics.
         self.figures = Figures(max_context=engine.model.max_len)
         for name in config.streams:
             engine.add_stream(name)
 
     @classmethod
-    def build(cls, config: NodeConfig) -> "Pipeline":
+    def build(cls, config: NodeConfig, node_name: str = "/capsule_node",
+              ros_home: str | None = None) -> "Pipeline":
+        """Everything from the config. ``node_name`` (fully qualified) names this node's own
+        capsule directories; a relative ``capsules.directory`` resolves against ``ros_home``
+        (default: $ROS_HOME, else ~/.ros)."""
         m = config.model
         set_threads(m.threads)
         spec = ModelSpec(config_file=resolve(m.config_file) if not m.path else None,
@@ -228,7 +236,6 @@ class Pipeline:
         engine = Engine(model, history_depth=caps.history_depth,
                         chunk_size=m.chunk_size, context_policy=caps.context_policy,
                         rebase_window=caps.rebase_window, verify_every=caps.verify_every)
-        _configure_tiers(engine, caps, m.device)
         hidden = model.hidden_size
         encoders = {name: build_encoder(name, dict(spec.encoder), hidden, m.seed,
                                         token_embedding=model.token_embedding(),
@@ -248,49 +255,76 @@ class Pipeline:
             # on the model's device: images are resized and projected there, not on the CPU
             module.to(model.live.device).eval()
         pipeline = cls(config, engine, encoders, heads, loaded, tokenizer=model.tokenizer)
-        if caps.persist_on_commit or caps.reload_at_start:
-            if not caps.directory:
-                raise ValueError("capsules.directory is required for persist_on_commit/reload_at_start")
-            pipeline.persister = Persister(resolve(caps.directory), model.live.layout)
-        if caps.reload_at_start:
-            pipeline.reload()
+        pipeline.open_files(node_name, ros_home)
         return pipeline
+
+    def open_files(self, node_name: str, ros_home: str | None = None) -> None:
+        """Claim this node's capsule directories (refused while another live process owns
+        them), set up tier budgets, persistence and reload."""
+        caps, layout = self.config.capsules, self.engine.live.layout
+        if not caps.directory:
+            if caps.persist_on_commit or caps.reload_at_start:
+                raise ValueError("capsules.directory is required for persist_on_commit/reload_at_start")
+            _configure_tiers(self.engine, caps, None)
+            return
+        self.dirs = CapsuleDirs.of(caps.directory, node_name, ros_home)
+        self._owner = self.dirs.claim()
+        clean_stale_temps(self.dirs.saved)
+        _configure_tiers(self.engine, caps, TierFiles(self.dirs.tiers, layout))
+        if caps.persist_on_commit or caps.reload_at_start:
+            self.persister = Persister(self.dirs.streams, layout)
+        if caps.reload_at_start:
+            self.reload()
 
     # -- capsule files ---------------------------------------------------------------------
     def reload(self) -> list[str]:
-        """Streams start at their persisted boundaries; refused files are reported, not fatal."""
-        loaded = self.persister.load_all(self.engine.model.fingerprint, device=self.engine.live.device)
+        """Streams start at their persisted boundaries: the configured ones and those this node
+        adopted (forked or loaded) and persisted. Refused files are reported, not fatal."""
+        names = list(self.streams) + [n for n in list_capsules(self.persister.directory)
+                                      if n not in self.streams]
+        loaded = self.persister.load_all(self.engine.model.fingerprint, names,
+                                         device=self.engine.live.device)
+        like = next(iter(self.config.streams))
         for stream, capsule in loaded.items():
-            if stream in self.streams:
-                self.engine.store.commit(stream, capsule)
+            self.engine.install(stream, capsule)
+            if stream not in self.streams:
+                self._adopt(stream, like=like)
         for name, why in self.persister.refused.items():
             log.warning("persisted capsule %s refused: %s", name, why)
-        return sorted(s for s in loaded if s in self.streams)
+        return sorted(loaded)
 
     def save(self, stream: str, name: str = "") -> str:
-        """Write the stream's boundary to ``capsules.directory`` as ``<name or stream>``."""
-        directory = self._directory()
-        return str(self.engine.store.save(stream, directory, self.engine.live.layout, name=name or None))
+        """Write the stream's boundary to ``saved/`` as ``<name or stream>`` (user snapshots:
+        persistence never touches them)."""
+        directory = self._saved_dir()
+        if self.engine.store.slot(stream).held_current is None:
+            raise CapsuleError(f"stream {stream!r} has no boundary to save (empty context)")
+        return str(save_capsule(self.engine.boundary(stream), directory, name or stream,
+                                self.engine.live.layout))
 
     def load(self, stream: str, name: str) -> int:
-        """Load ``<name>`` (verified) as the stream's boundary; a new stream is queryable by
-        ``~/query``. Returns the loaded position. A refused load changes nothing."""
-        capsule = self.engine.store.load(stream, (self._directory(), name),
-                                         self.engine.model.fingerprint, self.engine.live.layout,
-                                         device=self.engine.live.device)
+        """Load ``saved/<name>`` (verified) as the stream's boundary; a new stream is queryable
+        by ``~/query``. Returns the loaded position. A refused load changes nothing."""
+        capsule = load_capsule((self._saved_dir(), name), self.engine.model.fingerprint,
+                               self.engine.live.layout, device=self.engine.live.device)
+        self.engine.install(stream, capsule)
         if stream not in self.streams:
             self._adopt(stream, like=next(iter(self.config.streams)))
         return capsule.position
 
     def close(self) -> None:
-        """Shutdown: only flush what is queued (persisting runs off the query path)."""
+        """Shutdown: only flush what is queued (persisting runs off the query path), then give
+        up the capsule directories."""
         if self.persister is not None:
             self.persister.close()
+        if self._owner is not None:
+            self._owner.release()
+            self._owner = None
 
-    def _directory(self) -> str:
-        if not self.config.capsules.directory:
+    def _saved_dir(self) -> str:
+        if self.dirs is None:
             raise CapsuleError("capsules.directory is not set: no place for capsule files")
-        return resolve(self.config.capsules.directory)
+        return str(self.dirs.saved)
 
     def fork(self, source: str, new_stream: str) -> None:
         """A new stream from ``source``'s boundary, queried through ``~/query`` (no trigger)."""
@@ -454,19 +488,18 @@ def failure_from(stream: str, request_id: int, e: Exception) -> Failure:
     """A coded failure from an engine or store error (store errors carry their own code)."""
     if isinstance(e, CapsuleRosError):
         return Failure(stream, request_id, e.code, e.text)
-    return Failure(stream, request_id, Code(getattr(e, "code", Code.CAPSULE_REFUSED)), str(e))
+    return Failure(stream, request_id, capsule_code(getattr(e, "reason", "refused")), str(e))
 
 
-def _configure_tiers(engine: Engine, caps: Any, device: str) -> None:
-    """Byte budgets per tier, when any is set (0 = unlimited); the file tier needs a directory."""
+def _configure_tiers(engine: Engine, caps: Any, files: TierFiles | None) -> None:
+    """Byte budgets per tier, when any is set (0 = unlimited); the file tier is the node's own
+    tier directory."""
     mb = lambda v: int(v * 2**20) if v else None  # noqa: E731
     if not (caps.device_budget_mb or caps.host_budget_mb or caps.file_budget_mb):
         return
-    file_dir = str(Path(resolve(caps.directory)) / "tiers") if caps.directory else None
-    engine.store.configure_tiers(TierConfig(
-        device_bytes=mb(caps.device_budget_mb), host_bytes=mb(caps.host_budget_mb),
-        file_bytes=mb(caps.file_budget_mb), file_dir=file_dir, layout=engine.live.layout,
-        device=device))
+    engine.configure_tiers(TierConfig(device_bytes=mb(caps.device_budget_mb),
+                                      host_bytes=mb(caps.host_budget_mb),
+                                      file_bytes=mb(caps.file_budget_mb)), files)
 
 
 def _stamp_of(msg: Any, receive_ns: int) -> tuple[int, bool]:
