@@ -1,5 +1,5 @@
 """The mechanism's own exceptions. Each says what kind of refusal it is (``reason``); the layers
-above map a reason to a status code (``status_codes.code_for_reason``), so this package imports
+above map a reason to a status code (``status_codes.capsule_code``), so this package imports
 nothing from the node."""
 from __future__ import annotations
 
