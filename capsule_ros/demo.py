@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_yaml(args.params_file)
     node_args = node_arguments(params_file=args.params_file, use_sim_time=True)
     print(f"[demo] starting {NODE_NAME} ({config.model.config_file or config.model.path})", flush=True)
-    node_proc = subprocess.Popen([sys.executable, "-P", "-m", "capsule_ros.ros.node",
+    node_proc = subprocess.Popen([sys.executable, "-P", "-m", "capsule_ros.ros.main",
                                   *node_args.cli_args()])
     rclpy.init()
     node = rclpy.create_node("capsule_demo")

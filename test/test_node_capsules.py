@@ -36,6 +36,8 @@ def call(h: Harness, op: str, stream: str = "", target: str = "") -> CapsuleOp.R
 
 def test_save_load_refusals_and_reload_after_restart(default_params, tmp_path):
     store_dir = tmp_path / "capsules"
+    saved_dir = store_dir / "saved"                   # user save/load names
+    streams_dir = store_dir / "streams" / "capsule_node"  # what persistence writes for this node
     params = params_with(default_params, tmp_path, directory=str(store_dir),
                          persist_on_commit=True, reload_at_start=True)
     with running_node(params) as h:
@@ -43,13 +45,13 @@ def test_save_load_refusals_and_reload_after_restart(default_params, tmp_path):
         h.trigger("front", 1)
         saved = call(h, "save", "front", "front_snapshot")
         assert saved.ok, saved.message
-        assert (store_dir / "front_snapshot.capsule.safetensors").is_file()
+        assert (saved_dir / "front_snapshot.capsule.safetensors").is_file()
         before = capsule_hashes(h.node.pipeline.engine)
 
         bad = call(h, "save", "front", "../escape")
         assert not bad.ok and bad.code == 400 and "invalid" in bad.message
-        corrupt = store_dir / "broken.capsule.safetensors"
-        data = bytearray((store_dir / "front_snapshot.capsule.safetensors").read_bytes())
+        corrupt = saved_dir / "broken.capsule.safetensors"
+        data = bytearray((saved_dir / "front_snapshot.capsule.safetensors").read_bytes())
         data[-100] ^= 0xFF
         corrupt.write_bytes(bytes(data))
         refused = call(h, "load", "front", "broken")
@@ -62,7 +64,7 @@ def test_save_load_refusals_and_reload_after_restart(default_params, tmp_path):
         assert loaded.ok, loaded.message
         assert "replica at 34" in loaded.message
         position = h.node.pipeline.engine.store.position("front")
-    assert (store_dir / "front.capsule.safetensors").is_file()
+    assert (streams_dir / "front.capsule.safetensors").is_file()
 
     with running_node(params) as h:
         assert h.node.pipeline.engine.store.position("front") == position == 34

@@ -144,7 +144,7 @@ class CapsuleNode(LifecycleNode):
             self.params.declare()  # sections of names set while unconfigured
             self.config = self.params.config()
             self._check_environment(self.config.model.device)
-            self.pipeline = Pipeline.build(self.config)
+            self.pipeline = Pipeline.build(self.config, node_name=self.get_fully_qualified_name())
             self.get_logger().info(self.pipeline.describe())
             if not self.pipeline.policy_weights_loaded:
                 self.get_logger().warning("encoder and head weights are seeded random: no "
