@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from ..runtime.kv_window import KVWindow, MaskMap, causal_mask
 from .registry import family_for
 from .torch_kernels import route_cpu_to_torch
 
+log = logging.getLogger("capsule_ros")
 POLICY_FILE = "policy.safetensors"  # see capsule_ros.policy.weights
 
 try:  # transformers 5.x
@@ -210,6 +212,7 @@ class HybridModel:
     window: KVWindow | None = None   # attention reads only a window of the KV rows
     runner: Any = None               # GraphRunner, once enable_graphs() was called (CUDA)
     use_graphs: bool = True          # with a runner: replay graphs (False: eager, same math)
+    lean_error: str | None = None    # why enable_graphs(lean=True) fell back, if it did
     _flags: list[_Flag] = field(default_factory=list)
     _attn_layers: list[Any] = field(default_factory=list)
     _graph_last: tuple[torch.Tensor, torch.Tensor] | None = None  # (hidden, token) of a replay
@@ -253,9 +256,30 @@ class HybridModel:
         bound.write_meta(bound.empty_meta())
         return bound
 
-    def enable_graphs(self, max_chunk: int = 512, sdpa_backends: list | None = None) -> Any:
-        """Run appends as CUDA-graph replays over the live buffers (runtime/graphs.py)."""
-        from ..runtime.graphs import GraphRunner
+    def enable_graphs(self, max_chunk: int = 512, sdpa_backends: list | None = None,
+                      lean: bool = False, chunks: tuple[int, ...] = (1, 16, 64, 512)) -> Any:
+        """Run appends as CUDA-graph replays over the live buffers (runtime/graphs.py).
+
+        ``lean=True`` (qwen3_5_text, bamba): the lean forward (models/lean.py), one graph per
+        chunk size in ``chunks``; its kernels are built here, and if one fails the model says so
+        and falls back to capturing transformers' modules."""
+        from ..runtime.graphs import GraphRunner, LeanRunner
+        from .lean import LEAN_FAMILIES
+        self.runner = None
+        if lean and self.model.config.model_type in LEAN_FAMILIES:
+            try:
+                runner = LeanRunner(self, chunks=chunks, max_chunk=max_chunk)
+                runner.probe()
+                self.runner = runner
+                self.fingerprint = dataclasses.replace(self.fingerprint, execution="lean-cuda")
+                return runner
+            except Exception as e:  # noqa: BLE001 - any kernel build failure: keep serving
+                log.warning("lean CUDA path unavailable for %s (%s: %s); using graph-captured "
+                            "transformers modules", self.model.config.model_type, type(e).__name__, e)
+                self.lean_error = f"{type(e).__name__}: {e}"
+        elif lean:
+            log.warning("no lean forward for %s; using graph-captured transformers modules",
+                        self.model.config.model_type)
         self.runner = GraphRunner(self, max_chunk=max_chunk, sdpa_backends=sdpa_backends)
         # Captured transformers modules compute what eager does (tested bit-identical per chunk),
         # but the path is named so a capsule never crosses to a path with other numerics unseen.
@@ -363,8 +387,11 @@ class HybridModel:
         n = embeds.shape[0]
         if self.position + n > self.max_len:
             raise ValueError(f"append of {n} at {self.position} exceeds context {self.max_len}")
-        if self.runner is not None and self.use_graphs:
-            hidden, _, token = self.runner.append(embeds)
+        lean = getattr(self.runner, "lean", False)
+        if self.runner is not None and (self.use_graphs or lean):
+            # the lean path is the same kernels captured or not; use_graphs picks which
+            hidden, _, token = (self.runner.append(embeds, replay=self.use_graphs) if lean
+                                else self.runner.append(embeds))
             self._graph_last = (hidden, token)
             return hidden
         self._graph_last = None

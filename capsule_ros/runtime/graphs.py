@@ -213,3 +213,156 @@ class GraphRunner:
             outs.append(cap.hidden[0].clone())
             done += chunk
         return torch.cat(outs) if len(outs) > 1 else outs[0], cap.logits.clone(), cap.token.clone()
+
+
+def plan_chunks(n: int, position: int, chunks: tuple[int, ...], max_len: int) -> list[tuple[int, int]]:
+    """Replays for an append of ``n`` tokens at ``position`` with chunk sizes ``chunks`` (1 among
+    them): ``(chunk, rows)`` pairs. The smallest chunk that holds what is left takes it padded, in
+    one replay; more than the largest chunk goes in full largest chunks first. A chunk never
+    reaches past the buffer's end (its padding rows are written to K/V rows there)."""
+    if n <= 0:
+        raise ValueError("append of no tokens")
+    if position + n > max_len:
+        raise ValueError(f"append of {n} at {position} exceeds context {max_len}")
+    out = []
+    while n:
+        fits = [c for c in chunks if c >= n and position + c <= max_len]
+        if fits:
+            out.append((min(fits), n))
+            break
+        c = max(c for c in chunks if c <= n and position + c <= max_len)
+        out.append((c, c))
+        position += c
+        n -= c
+    return out
+
+
+class LeanRunner:
+    """The lean forward (models/lean.py) captured as one CUDA graph per chunk size.
+
+    Inputs of a replay: the chunk's embeddings, and two device scalars, the start position and the
+    real row count, so a chunk of T rows serves every append of 1..T tokens at any position in
+    one replay (7 tokens: one replay of the 16-row graph). The cold path is this same runner from
+    the empty state, so cold and capsule paths run the same kernels on the same schedule.
+    ``replay=False`` runs the same step uncaptured (same kernels): the eager CUDA lean path.
+    """
+
+    lean = True
+
+    def __init__(self, model, chunks: tuple[int, ...] = (1, 16, 64, 512), max_chunk: int = 512) -> None:
+        from ..models.lean import LeanModel
+        if model.live.device.type != "cuda":
+            raise ValueError("the lean runner captures CUDA graphs: the live state must be on CUDA")
+        self.model = model
+        self.lean_model = LeanModel(model)
+        limit = min(max_chunk, model.max_len)
+        self.chunks = tuple(sorted({1, *(c for c in chunks if c <= limit)}))
+        self.max_chunk = self.chunks[-1]
+        self.device = model.live.device
+        self.dtype = getattr(torch, model.spec.dtype)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.pos = torch.zeros((), dtype=torch.long, device=self.device)
+        self.n = torch.ones((), dtype=torch.long, device=self.device)
+        self._inputs = {c: torch.zeros(c, model.hidden_size, dtype=self.dtype, device=self.device)
+                        for c in self.chunks}
+        self.graphs: dict[int, _Captured] = {}
+        self.captures = 0
+        self.replays = 0
+
+    def _step(self, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden = self.lean_model.step(self._inputs[chunk], self.pos, self.n)
+        last = hidden.index_select(0, (self.n - 1).reshape(1))[0]
+        logits = self.model.logits(last)
+        return hidden, logits, logits.argmax()
+
+    def _scratch(self):
+        m = self.model
+        return {k: r.clone() for k, r in m.live.regions.items()}, m.read_meta()
+
+    def _put_back(self, saved) -> None:
+        regions, meta = saved
+        for k, r in self.model.live.regions.items():
+            r.copy_(regions[k])
+        self.model.write_meta(meta)
+
+    @torch.no_grad()
+    def probe(self) -> None:
+        """Run every chunk size once, uncaptured, on scratch state: compiles the Triton kernels
+        and the attention, so a kernel that cannot build fails here (at configure), not later."""
+        saved = self._scratch()
+        try:
+            for chunk in self.chunks:
+                self._inputs[chunk].normal_()
+                self.pos.fill_(0)
+                self.n.fill_(chunk)
+                self._step(chunk)
+            torch.cuda.synchronize(self.device)
+        finally:
+            self._put_back(saved)
+
+    @torch.no_grad()
+    def capture(self, chunk: int) -> _Captured:
+        if chunk in self.graphs:
+            return self.graphs[chunk]
+        saved = self._scratch()
+        self._inputs[chunk].normal_()  # no zeros: they can hide unwritten paths
+        self.pos.fill_(0)
+        self.n.fill_(chunk)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # compile, autotune, allocate outside the capture
+            for _ in range(2):
+                self._step(chunk)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            hidden, logits, token = self._step(chunk)
+        self._put_back(saved)
+        self.graphs[chunk] = _Captured(graph, hidden, logits, token)
+        self.captures += 1
+        return self.graphs[chunk]
+
+    def variants(self, max_tokens: int | None = None) -> list[int]:
+        """Chunk sizes an append of at most ``max_tokens`` can use (all: any length fits one)."""
+        if max_tokens is None:
+            return list(self.chunks)
+        need = min(c for c in self.chunks if c >= min(max_tokens, self.max_chunk))
+        return [c for c in self.chunks if c <= need]
+
+    @torch.no_grad()
+    def warm_up(self, max_tokens: int | None = None) -> int:
+        saved = self._scratch()
+        chunks = self.variants(max_tokens)
+        for chunk in chunks:
+            cap = self.capture(chunk)
+            self.pos.fill_(0)
+            self.n.fill_(chunk)
+            cap.graph.replay()
+        torch.cuda.synchronize(self.device)
+        self._put_back(saved)
+        return len(chunks)
+
+    @torch.no_grad()
+    def append(self, embeds: torch.Tensor, replay: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append ``embeds`` [n, hidden]: (hidden [n, hidden], logits, token of the last row)."""
+        m = self.model
+        embeds = embeds.to(self.device, self.dtype)
+        outs = []
+        done = 0
+        for chunk, rows in plan_chunks(embeds.shape[0], m.position, self.chunks, m.max_len):
+            self._inputs[chunk][:rows].copy_(embeds[done:done + rows])
+            self.pos.fill_(m.position)
+            self.n.fill_(rows)
+            if replay:
+                cap = self.capture(chunk)
+                cap.graph.replay()
+                self.replays += 1
+                hidden, logits, token = cap.hidden, cap.logits, cap.token
+            else:
+                hidden, logits, token = self._step(chunk)
+            m.write_meta({"position": m.position + rows, "flags": [True] * m.num_flags},
+                         write_device=False)
+            outs.append(hidden[:rows].clone())
+            done += rows
+        return torch.cat(outs) if len(outs) > 1 else outs[0], logits.clone(), token.clone()

@@ -1,0 +1,262 @@
+"""The lean forward: one chunk of a Qwen3.5-text or Bamba hybrid, written out over the live buffers.
+
+transformers' modules stay the reference (and the CPU path); this is the same function with the
+small stuff taken out: merged projections (the modules' weights become views of the merged
+tensors, so no weight is stored twice), precomputed rotary tables (transformers' own rotary
+embedding, evaluated once over every position), no mask tensors, no Python-side cache flags, and
+the state kernels of ``capsule_ros.kernels.ops`` updating the live buffers in place.
+
+``step(x, pos, n)`` appends the first ``n`` rows of ``x`` [T, hidden] at position ``pos``; both
+are device scalars, so one captured graph per chunk size ``T`` serves every length 1..T and every
+position. Rows past ``n`` are padding: zeroed on entry, written to K/V rows past the valid length
+(never read by a valid query, overwritten by the next append), and made no-ops of every
+recurrent and conv state update.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import ops
+
+LEAN_FAMILIES = ("qwen3_5_text", "bamba")
+
+
+def _merge(*linears: torch.nn.Linear) -> torch.Tensor:
+    """One weight for several projections of the same input; the modules keep views of it."""
+    merged = torch.cat([lin.weight.detach() for lin in linears])
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight.data = merged[start:start + rows]
+        start += rows
+    return merged
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor:
+    """RMSNorm as the family writes it (Qwen3.5: (x * r) * (1 + w) in float32; Bamba: w * (x * r))."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if zero_centered:
+        return (xf * (1.0 + w.float())).to(x.dtype)
+    return w * xf.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [1, H, T, D]; cos/sin [T, rot] (partial rotary: the first ``rot`` dims turn)."""
+    rot = cos.shape[-1]
+    xr, xp = x[..., :rot], x[..., rot:]
+    return torch.cat((xr * cos + _rotate_half(xr) * sin, xp), dim=-1)
+
+
+@dataclass
+class _Layer:
+    kind: str                 # "gdn" | "mamba" | "attn"
+    norm1: torch.Tensor
+    norm2: torch.Tensor
+    w_in: torch.Tensor        # merged input projection
+    w_out: torch.Tensor
+    w_gate_up: torch.Tensor
+    w_down: torch.Tensor
+    mod: Any                  # the transformers mixer module (small parameters)
+    state: dict[str, torch.Tensor]
+
+
+class LeanModel:
+    """The lean step over a bound ``HybridModel``'s weights and live buffers."""
+
+    def __init__(self, hm: Any, use_cuda_kernels: bool | None = None) -> None:
+        model = hm.model
+        cfg = model.config
+        self.kind = cfg.model_type
+        if self.kind not in LEAN_FAMILIES:
+            raise ValueError(f"no lean forward for {self.kind!r} (have {LEAN_FAMILIES})")
+        self.hm = hm
+        self.cfg = cfg
+        self.device = hm.live.device
+        self.dtype = getattr(torch, hm.spec.dtype)
+        self.max_len = hm.max_len
+        self.cuda = self.device.type == "cuda" if use_cuda_kernels is None else use_cuda_kernels
+        self.attention = "flex" if self.cuda else "reference"
+        self.zero_centered = self.kind == "qwen3_5_text"
+        self.eps = cfg.rms_norm_eps
+        base = model.model
+        self.final_norm = (base.norm if self.kind == "qwen3_5_text" else base.final_layernorm).weight
+        with torch.no_grad():
+            pos = torch.arange(self.max_len, device=self.device)[None]
+            probe = torch.zeros(1, 1, cfg.hidden_size, dtype=self.dtype, device=self.device)
+            cos, sin = base.rotary_emb(probe, pos)  # transformers' own tables, every position
+        self.cos, self.sin = cos.reshape(self.max_len, -1), sin.reshape(self.max_len, -1)
+        types = cfg.layer_types if self.kind == "qwen3_5_text" else cfg.layers_block_type
+        self.layers: list[_Layer] = []
+        self._flex: dict[int, ops.FlexAttention] = {}
+        with torch.no_grad():
+            for i, (layer, t) in enumerate(zip(base.layers, types)):
+                self.layers.append(self._bind_layer(i, layer, t, hm))
+
+    def _bind_layer(self, i: int, layer: Any, t: str, hm: Any) -> _Layer:
+        mlp = layer.mlp if self.kind == "qwen3_5_text" else layer.feed_forward
+        norm2 = layer.post_attention_layernorm if self.kind == "qwen3_5_text" else layer.pre_ff_layernorm
+        gate_up = _merge(mlp.gate_proj, mlp.up_proj)
+        live = hm.live
+        if t == "full_attention":
+            a = layer.self_attn
+            state = {"k": live.view(f"L{i}.k"), "v": live.view(f"L{i}.v")}
+            return _Layer("attn", layer.input_layernorm.weight, norm2.weight,
+                          _merge(a.q_proj, a.k_proj, a.v_proj), a.o_proj.weight, gate_up,
+                          mlp.down_proj.weight, a, state)
+        state = {"conv": live.view(f"L{i}.conv0"), "rec": live.view(f"L{i}.rec0")}
+        if self.kind == "qwen3_5_text":
+            m = layer.linear_attn
+            w_in = _merge(m.in_proj_qkv, m.in_proj_z, m.in_proj_b, m.in_proj_a)
+            return _Layer("gdn", layer.input_layernorm.weight, norm2.weight, w_in,
+                          m.out_proj.weight, gate_up, mlp.down_proj.weight, m, state)
+        m = layer.mamba
+        if m.in_proj.bias is not None or m.out_proj.bias is not None:
+            raise ValueError("lean Mamba2 layer: projection biases are not supported")
+        m._lean_A = -torch.exp(m.A_log.float())  # precomputed at load, as the kernel wants it
+        return _Layer("mamba", layer.input_layernorm.weight, norm2.weight, m.in_proj.weight,
+                      m.out_proj.weight, gate_up, mlp.down_proj.weight, m, state)
+
+    # -- the step ------------------------------------------------------------------------------
+    def attention_for(self, T: int, pos: torch.Tensor) -> Callable:
+        """The attention of a chunk of T rows (one flex block mask per T, shared by every layer)."""
+        if self.attention != "flex":
+            return lambda q, k, v, scale: ops.attention_reference(q, k, v, pos, scale)
+        if T not in self._flex:
+            self._flex[T] = ops.FlexAttention(T, self.max_len, self.device, pos, ops.compiled_flex())
+        fa = self._flex[T]
+        if fa.pos is not pos:
+            raise RuntimeError("the lean step's position must be one fixed device tensor")
+        return fa
+
+    def step(self, x: torch.Tensor, pos: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """Append rows [0, n) of ``x`` [T, hidden] at ``pos``; returns hidden states [T, hidden]
+        after the final norm (rows past n are padding)."""
+        T = x.shape[0]
+        rows = torch.arange(T, device=self.device)
+        valid = rows < n                                   # [T]
+        h = torch.where(valid[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        positions = pos + rows
+        cos = self.cos.index_select(0, torch.clamp(positions, max=self.max_len - 1))
+        sin = self.sin.index_select(0, torch.clamp(positions, max=self.max_len - 1))
+        attend = self.attention_for(T, pos)
+        if isinstance(attend, ops.FlexAttention):
+            attend.set_length(pos + n)
+        for layer in self.layers:
+            hn = _rms(h, layer.norm1, self.eps, self.zero_centered)
+            if layer.kind == "attn":
+                mix = self._attn(layer, hn, positions, attend, cos, sin)
+            elif layer.kind == "gdn":
+                mix = self._gdn(layer, hn, valid, n)
+            else:
+                mix = self._mamba(layer, hn, valid, n)
+            h = h + mix
+            hn = _rms(h, layer.norm2, self.eps, self.zero_centered)
+            gu = hn @ layer.w_gate_up.t()
+            g, u = gu.chunk(2, dim=-1)
+            h = h + (F.silu(g) * u) @ layer.w_down.t()
+        return _rms(h, self.final_norm, self.eps, self.zero_centered)
+
+    def _conv(self, layer: _Layer, xbc: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """Causal depthwise conv over [conv state | the chunk] + SiLU; the state becomes the last
+        K inputs ending at row n (padding never enters it)."""
+        m = layer.mod
+        conv = layer.state["conv"]                         # [1, C, K]
+        K = conv.shape[-1]
+        xs = torch.cat([conv[0], xbc.t().to(conv.dtype)], dim=1)   # [C, K + T]
+        w = m.conv1d.weight                                # [C, 1, K]
+        out = F.conv1d(xs[None].to(w.dtype), w, m.conv1d.bias, groups=xs.shape[0])[0, :, 1:]
+        idx = n + torch.arange(K, device=xs.device)
+        conv[0].copy_(xs.index_select(1, idx))
+        return F.silu(out).to(xbc.dtype).t()               # [T, C]
+
+    def _gdn(self, layer: _Layer, hn: torch.Tensor, valid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        m = layer.mod
+        T = hn.shape[0]
+        y = hn @ layer.w_in.t()
+        qkv, z, b, a = torch.split(y, [m.conv_dim, m.value_dim, m.num_v_heads, m.num_v_heads], dim=-1)
+        qkv = self._conv(layer, qkv, n)
+        q, k, v = torch.split(qkv, [m.key_dim, m.key_dim, m.value_dim], dim=-1)
+        ninf = torch.full((), float("-inf"), dtype=a.dtype, device=a.device)
+        a = torch.where(valid[:, None], a, ninf)[None].contiguous()   # padding: decay 1
+        b = torch.where(valid[:, None], b, ninf)[None].contiguous()   # padding: beta 0
+        q = q.reshape(1, T, m.num_k_heads, m.head_k_dim).contiguous()
+        k = k.reshape(1, T, m.num_k_heads, m.head_k_dim).contiguous()
+        v = v.reshape(1, T, m.num_v_heads, m.head_v_dim).contiguous()
+        fn = ops.gdn_recurrent_cuda if self.cuda else ops.gdn_recurrent_reference
+        o = fn(q, k, v, a, b, m.A_log, m.dt_bias, layer.state["rec"])
+        # Qwen3.5 gated RMSNorm per value head: w * norm(o) (model dtype), times silu(z) in float32
+        o = o.reshape(T, m.num_v_heads, m.head_v_dim)
+        of = o.float()
+        of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + m.norm.variance_epsilon)
+        o = m.norm.weight * of.to(o.dtype)
+        o = (o * F.silu(z.reshape(T, m.num_v_heads, m.head_v_dim).float())).to(hn.dtype)
+        return o.reshape(T, -1) @ layer.w_out.t()
+
+    def _mamba(self, layer: _Layer, hn: torch.Tensor, valid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        m = layer.mod
+        T = hn.shape[0]
+        y = hn @ layer.w_in.t()
+        gate, xbc, dt = torch.split(y, [m.intermediate_size, m.conv_dim, m.num_heads], dim=-1)
+        xbc = self._conv(layer, xbc, n)
+        gs = m.n_groups * m.ssm_state_size
+        x, B, C = torch.split(xbc, [m.intermediate_size, gs, gs], dim=-1)
+        ninf = torch.full((), float("-inf"), dtype=dt.dtype, device=dt.device)
+        dt = torch.where(valid[:, None], dt, ninf).contiguous()      # padding: softplus -> 0
+        x = x.reshape(T, m.num_heads, m.head_dim)
+        B = B.reshape(T, m.n_groups, m.ssm_state_size)
+        C = C.reshape(T, m.n_groups, m.ssm_state_size)
+        limit = tuple(m.time_step_limit)
+        if self.cuda:
+            s = ops.ssm_cuda(x, dt, m._lean_A, B, C, m.D, m.dt_bias, limit, layer.state["rec"],
+                             chunk_size=m.chunk_size)
+        else:
+            s = ops.ssm_reference(x, dt, m._lean_A, B, C, m.D, m.dt_bias, limit, layer.state["rec"])
+        s = s.reshape(T, -1)
+        # BambaRMSNormGated: silu(gate) * s in float32, grouped RMS, then w * (model dtype)
+        sf = s.float() * F.silu(gate.float())
+        g = m.norm.group_size
+        sg = sf.view(T, -1, g)
+        sg = sg * torch.rsqrt(sg.pow(2).mean(-1, keepdim=True) + m.norm.variance_epsilon)
+        s = m.norm.weight * sg.view(T, -1).to(s.dtype)
+        return s.to(hn.dtype) @ layer.w_out.t()
+
+    def _attn(self, layer: _Layer, hn: torch.Tensor, positions: torch.Tensor, attend: Callable,
+              cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        a = layer.mod
+        T = hn.shape[0]
+        D = a.head_dim
+        hq = self.cfg.num_attention_heads
+        hkv = self.cfg.num_key_value_heads
+        y = hn @ layer.w_in.t()
+        qw = hq * D * (2 if self.kind == "qwen3_5_text" else 1)
+        qg, k, v = torch.split(y, [qw, hkv * D, hkv * D], dim=-1)
+        gate = None
+        if self.kind == "qwen3_5_text":
+            q, gate = torch.chunk(qg.view(T, hq, 2 * D), 2, dim=-1)
+            gate = gate.reshape(T, -1)
+            q = _rms(q, a.q_norm.weight, a.q_norm.eps, True)
+            k = _rms(k.view(T, hkv, D), a.k_norm.weight, a.k_norm.eps, True)
+        else:
+            q, k = qg.view(T, hq, D), k.view(T, hkv, D)
+        v = v.view(T, hkv, D)
+        q = _rope(q.transpose(0, 1)[None], cos, sin)        # [1, hq, T, D]
+        k = _rope(k.transpose(0, 1)[None], cos, sin)        # [1, hkv, T, D]
+        kc, vc = layer.state["k"], layer.state["v"]         # [1, hkv, L, D]
+        # Rows land at pos..pos+T-1; the runner never plans a chunk past the buffer's end.
+        kc.index_copy_(2, positions, k.to(kc.dtype))
+        vc.index_copy_(2, positions, v.transpose(0, 1)[None].to(vc.dtype))
+        o = attend(q, kc, vc, a.scaling)                    # [1, hq, T, D]
+        o = o[0].transpose(0, 1).reshape(T, hq * D)
+        if gate is not None:
+            o = o * torch.sigmoid(gate)
+        return o @ layer.w_out.t()
