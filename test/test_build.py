@@ -13,18 +13,15 @@ def test_package_resolves_to_install_tree():
         "source scripts/env.sh and run pytest via the venv's pytest executable")
 
 
-def test_generated_interfaces_import():
-    from capsule_ros.msg import ActionChunk, Query, Status
-    from capsule_ros.srv import CapsuleOp
+def test_status_constants_match_the_codes_the_node_publishes():
+    """Status.msg's constants (what a client compares against) and status_codes.Code (what the
+    node publishes) are written separately: every code must exist in both with one value."""
+    from capsule_ros.msg import Status
+    from capsule_ros.status_codes import Code
 
-    assert Status.BAD_ENCODING == 100
-    assert Status.OK == 0
-    assert ActionChunk().horizon == 0
-    assert Query().instruction == ""
-    assert hasattr(CapsuleOp, "Request") and hasattr(CapsuleOp, "Response")
-    req = CapsuleOp.Request(op="rollback", stream="front", count=2)
-    assert req.count == 2
-    assert CapsuleOp.Response(ok=True, names=["a", "b"]).names == ["a", "b"]
+    generated = {name: getattr(Status, name) for name in dir(Status)
+                 if name.isupper() and isinstance(getattr(Status, name), int)}
+    assert generated == {c.name: int(c) for c in Code}
 
 
 def test_action_chunk_serialization_roundtrip():
