@@ -65,11 +65,14 @@ class Harness:
 
     def send(self, topic: str, msg, expect_answer: bool = True) -> None:
         before = self.answers()
+        streams = self.node.pipeline.streams
+        held = {name: s.pending.get("joints") for name, s in streams.items()}
         self.pubs[topic].publish(msg)
         if expect_answer:
             spin_until(self.ex, lambda: self.answers() > before, 30, f"answer to {topic}")
-        else:  # context message: let the node take it before the next trigger
-            spin_until(self.ex, lambda: self.node.pipeline.streams["front"].pending, 10, "context")
+        else:  # context message: wait until the node holds this very message's embedding
+            spin_until(self.ex, lambda: all(streams[n].pending.get("joints") is not held[n]
+                                            for n in held), 30, "context")
 
     def trigger(self, stream: str, k: int) -> None:
         """The k-th observation of a stream: its joint state, then its camera image."""
