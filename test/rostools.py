@@ -291,54 +291,54 @@ class RosCli:
         self.procs.append(proc)
         return proc
 
+    # -- calls that need the node discovered ---------------------------------------------
+    def node_call(self, *args: str, timeout: float = 60.0, discovery: float = 120.0) -> Result:
+        """``ros2 <verb> <sub> <node> ...``: a fresh CLI process (--no-daemon) may not have
+        discovered the node within its spin time ("Node not found"); retried for that only."""
+        holder: list[Result] = []
+
+        def attempt() -> bool:
+            r = self.ros2(*args, timeout=timeout, check=False)
+            holder.append(r)
+            return "Node not found" not in r.output
+        wait_for(attempt, discovery, f"{' '.join(args)}: the node to be discovered",
+                 interval=0.5, detail=lambda: str(holder[-1]) if holder else "")
+        return holder[-1]
+
     # -- lifecycle --------------------------------------------------------------------------
-    def lifecycle_state(self, node: str | None = None) -> str | None:
-        """The node's state label (``active``), or None while it cannot be reached."""
-        r = self.ros2("lifecycle", "get", node or self.node, timeout=30, check=False)
+    @staticmethod
+    def _state(r: Result) -> str | None:
         m = re.search(r"^(\w+) \[\d+\]$", r.stdout, re.M)
         return m.group(1) if r.returncode == 0 and m else None
+
+    def lifecycle_state(self, node: str | None = None) -> str | None:
+        """``ros2 lifecycle get``: the state label (``active``), None if the call failed."""
+        return self._state(self.node_call("lifecycle", "get", node or self.node, timeout=30))
 
     def wait_state(self, state: str, timeout: float = 300.0, node: str | None = None,
                    proc: Proc | None = None) -> None:
         """Until ``ros2 lifecycle get`` says ``state``; fails early if ``proc`` exited."""
-        last: list[str | None] = [None]
+        last: list[Result | None] = [None]
 
         def reached() -> bool:
             if proc is not None and not proc.running():
                 raise AssertionError(f"launch exited ({proc.popen.returncode}) before the node "
                                      f"was {state}; log tail:\n{proc.text()[-4000:]}")
-            last[0] = self.lifecycle_state(node)
-            return last[0] == state
+            last[0] = self.ros2("lifecycle", "get", node or self.node, timeout=30, check=False)
+            return self._state(last[0]) == state
         wait_for(reached, timeout, f"{node or self.node} to be {state}", interval=0.5,
-                 detail=lambda: f"last state: {last[0]}; "
+                 detail=lambda: f"last call: {last[0]}\n"
                                 f"log tail:\n{proc.text()[-4000:] if proc else ''}")
 
     def lifecycle_set(self, transition: str, node: str | None = None,
                       timeout: float = 300.0) -> Result:
-        """``ros2 lifecycle set``; retried only while the node is not discovered yet."""
-        holder: list[Result] = []
-
-        def attempt() -> bool:
-            r = self.ros2("lifecycle", "set", node or self.node, transition,
-                          timeout=timeout, check=False)
-            holder.append(r)
-            return "Node not found" not in r.output
-        wait_for(attempt, 120, f"{node or self.node} to be discovered", interval=0.5,
-                 detail=lambda: str(holder[-1]) if holder else "")
-        return holder[-1]
+        """``ros2 lifecycle set <node> <transition>``."""
+        return self.node_call("lifecycle", "set", node or self.node, transition, timeout=timeout)
 
     # -- parameters and services ------------------------------------------------------------
     def param(self, verb: str, *args: str, timeout: float = 60.0) -> Result:
-        """``ros2 param <verb> <node> ...`` (retried while the node is not discovered yet)."""
-        holder: list[Result] = []
-
-        def attempt() -> bool:
-            r = self.ros2("param", verb, self.node, *args, timeout=timeout, check=False)
-            holder.append(r)
-            return "Node not found" not in r.output
-        wait_for(attempt, 120, f"{self.node} to be discovered", interval=0.5,
-                 detail=lambda: str(holder[-1]) if holder else "")
-        return holder[-1]
+        """``ros2 param <verb> <node> ...``."""
+        return self.node_call("param", verb, self.node, *args, timeout=timeout)
 
     def call_service(self, service: str, srv_type: str, request: str,
                      timeout: float = 60.0) -> dict[str, Any]:
