@@ -64,21 +64,23 @@ def test_launch_file_declares_the_arguments_it_passes(package_root):
 @pytest.mark.ros
 @pytest.mark.timeout(120)
 def test_node_starts_with_the_launch_arguments(default_params):
-    rclpy = pytest.importorskip("rclpy")
+    import rclpy  # noqa: F401 - a missing rclpy fails here, it never skips
     from capsule_ros.ros.node import CapsuleNode
     from rosutil import activate, ros_context
 
-    args = node_arguments(params_file=str(default_params), namespace="robot1", use_sim_time=True)
+    args = node_arguments(params_file=str(default_params), namespace="robot1", use_sim_time=True,
+                          autostart=False)
     with ros_context() as ctx:
-        node = activate(CapsuleNode(context=ctx, cli_args=args.cli_args()))
+        node = CapsuleNode(context=ctx, cli_args=args.cli_args())
         try:
             assert node.get_namespace() == "/robot1"
             assert node.get_fully_qualified_name() == "/robot1/capsule_node"
             assert node.get_parameter("use_sim_time").value is True
+            assert node.get_parameter("autostart").value is False
+            activate(node)   # what autostart does under `ros2 launch` (test_cli.py)
             assert set(node.config.streams) == {"front", "wrist"}
             topics = {name for name, _ in node.get_publisher_names_and_types_by_node(
                 "capsule_node", "/robot1")}
             assert {"/robot1/capsule_node/actions", "/robot1/capsule_node/status"} <= topics
         finally:
             node.destroy_node()
-    del rclpy
