@@ -13,7 +13,16 @@ import sys
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    # One stop is enough: a terminal's Ctrl-C reaches the node twice under `ros2 launch` (the
+    # process group's SIGINT, then launch forwarding it), and a second KeyboardInterrupt in the
+    # middle of flushing capsule writes would cut that short.
+    _ignore_signals()
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _ignore_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         if _shutting_down():
             return 0
         raise
+    finally:
+        _ignore_signals()  # nothing may interrupt the interpreter's own exit
 
 
 def _shutting_down() -> bool:
