@@ -171,6 +171,7 @@ def test_lifecycle_set_drives_the_node_and_keeps_capsules(ros_cli, make_feeder, 
     before = capsule_stats(ros_cli)["per_stream"]
     assert {s: v["position"] > 0 for s, v in before.items()} == {"front": True, "wrist": True}
 
+    matched_before = feeder.matched_totals()
     r = ros_cli.lifecycle_set("deactivate")
     assert "Transitioning successful" in r.stdout, r
     assert ros_cli.lifecycle_state() == "inactive"
@@ -184,8 +185,10 @@ def test_lifecycle_set_drives_the_node_and_keeps_capsules(ros_cli, make_feeder, 
     assert {s: (v["position"], v["commits"]) for s, v in after.items()} == \
         {s: (v["position"], v["commits"]) for s, v in before.items()}
 
-    # serving again, from the kept boundaries (positions grow, not restart)
-    feeder.wait_matched((actions,), detail=detail(proc, feeder))
+    # serving again, from the kept boundaries (positions grow, not restart); activate made new
+    # input subscriptions: wait for those to match, not for the old ones' stale status
+    feeder.wait_matched((), since={k: v for k, v in matched_before.items() if k.startswith("pub:")},
+                        detail=detail(proc, feeder))
     answered = feeder.count(actions)
     assert feeder.feed(actions, triggers=2, detail=detail(proc, feeder)) == 2
     assert feeder.count(actions) == answered + 2
