@@ -50,11 +50,13 @@ def timed(fn, repeats: int, warmup: int = 2) -> float:
 
 
 def commit_id() -> str:
+    if Path(".commit").is_file():  # a copy of the tree without its git history (the GPU machine)
+        return Path(".commit").read_text().strip()
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()
     except Exception:
-        return Path(".commit").read_text().strip() if Path(".commit").is_file() else "unknown"
+        return "unknown"
 
 
 def build(entry: dict, max_len: int):
@@ -104,6 +106,7 @@ def main() -> int:
     ap.add_argument("--suffixes", default="32,7")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
+    ap.add_argument("--compile-glue", action="store_true", help="inductor-fused norms/SwiGLU")
     args = ap.parse_args()
     card = torch.cuda.get_device_name(0).replace(" ", "-")
     path = Path(args.out) / f"ttft_lean_{card}.json"
@@ -118,7 +121,7 @@ def main() -> int:
         max_len = max(prefixes) + max(suffixes) + 64
         model, hm = build(entry, max_len)
         t0 = time.perf_counter()
-        hm.enable_graphs(lean=True)
+        hm.enable_graphs(lean=True, compile_glue=args.compile_glue)
         configure_s = time.perf_counter() - t0
         info = hm.warm_up()
         print(f"{name}: execution {hm.execution} ({hm.lean_error or 'ok'}); configure {configure_s:.1f} s, "
@@ -177,6 +180,7 @@ def main() -> int:
                 bd = step_bytes(hm, prefix + suffix, 1)
                 ba = step_bytes(hm, prefix, suffix)
                 row = {"model": name, "prefix": prefix, "suffix": suffix, "commit": commit,
+                       "compile_glue": args.compile_glue,
                        "card": card, "execution": hm.execution,
                        "capsule_ttft_ms": round(ttft_ms, 3), "decode_ms": round(decode_ms, 3),
                        "restore_ms": round(restore_ms, 4),
@@ -189,14 +193,15 @@ def main() -> int:
                        "h200_floor_decode_ms": round(bd / 4.0e12 * 1e3, 3),
                        "kernels_per_decode": kernels, "decode_gpu_us": round(gpu_us, 1),
                        "configure_s": round(configure_s, 1), "warm_up_s": round(info["seconds"], 1)}
-                doc["rows"] = [r for r in doc["rows"] if (r["model"], r["prefix"], r.get("suffix"))
-                               != (name, prefix, suffix)] + [row]
+                key = (name, prefix, suffix, args.compile_glue)
+                doc["rows"] = [r for r in doc["rows"] if (r["model"], r["prefix"], r.get("suffix"),
+                                                         r.get("compile_glue", False)) != key] + [row]
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(doc, indent=1) + "\n")
                 print(json.dumps(row), flush=True)
         del engine, hm, model
         torch.cuda.empty_cache()
-    cols = ["model", "prefix", "suffix", "capsule_ttft_ms", "decode_ms", "restore_ms", "cold_lean_ms",
+    cols = ["model", "prefix", "suffix", "compile_glue", "capsule_ttft_ms", "decode_ms", "restore_ms", "cold_lean_ms",
             "cold_transformers_ms", "kernels_per_decode", "decode_gpu_us", "thor_floor_ms"]
     print(" | ".join(cols))
     for r in doc["rows"]:

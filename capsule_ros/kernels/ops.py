@@ -166,6 +166,9 @@ def compiled_flex() -> Callable:
     """One ``torch.compile``d flex_attention per process (inductor; no cudagraph trees)."""
     global _COMPILED_FLEX
     if _COMPILED_FLEX is None:
+        from torch import _dynamo
         from torch.nn.attention.flex_attention import flex_attention
+        # one specialisation per (chunk size, head dim, dtype): more than dynamo's default 8
+        _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 64)
         _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False, fullgraph=True)
     return _COMPILED_FLEX

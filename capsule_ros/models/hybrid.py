@@ -257,7 +257,8 @@ class HybridModel:
         return bound
 
     def enable_graphs(self, max_chunk: int = 512, sdpa_backends: list | None = None,
-                      lean: bool = False, chunks: tuple[int, ...] = (1, 16, 64, 512)) -> Any:
+                      lean: bool = False, chunks: tuple[int, ...] = (1, 16, 64, 512),
+                      compile_glue: bool = False) -> Any:
         """Run appends as CUDA-graph replays over the live buffers (runtime/graphs.py).
 
         ``lean=True`` (qwen3_5_text, bamba): the lean forward (models/lean.py), one graph per
@@ -268,7 +269,7 @@ class HybridModel:
         self.runner = None
         if lean and self.model.config.model_type in LEAN_FAMILIES:
             try:
-                runner = LeanRunner(self, chunks=chunks, max_chunk=max_chunk)
+                runner = LeanRunner(self, chunks=chunks, max_chunk=max_chunk, compile_glue=compile_glue)
                 runner.probe()
                 self.runner = runner
                 self.fingerprint = dataclasses.replace(self.fingerprint, execution="lean-cuda")

@@ -45,6 +45,26 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float, zero_centered: bool) -> t
     return w * xf.to(x.dtype)
 
 
+def _swiglu(gu: torch.Tensor) -> torch.Tensor:
+    g, u = gu.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+def _gdn_norm(o: torch.Tensor, z: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3.5 gated RMSNorm per value head: w * norm(o) (model dtype), times silu(z) in float32."""
+    of = o.float()
+    of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps)
+    return ((w * of.to(o.dtype)) * F.silu(z.float())).to(o.dtype)
+
+
+def _mamba_norm(s: torch.Tensor, gate: torch.Tensor, w: torch.Tensor, group: int, eps: float) -> torch.Tensor:
+    """BambaRMSNormGated: silu(gate) * s in float32, grouped RMS, then w * (model dtype)."""
+    T = s.shape[0]
+    sg = (s.float() * F.silu(gate.float())).view(T, -1, group)
+    sg = sg * torch.rsqrt(sg.pow(2).mean(-1, keepdim=True) + eps)
+    return w * sg.view(T, -1).to(s.dtype)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
@@ -73,7 +93,7 @@ class _Layer:
 class LeanModel:
     """The lean step over a bound ``HybridModel``'s weights and live buffers."""
 
-    def __init__(self, hm: Any, use_cuda_kernels: bool | None = None) -> None:
+    def __init__(self, hm: Any, use_cuda_kernels: bool | None = None, compile_glue: bool = False) -> None:
         model = hm.model
         cfg = model.config
         self.kind = cfg.model_type
@@ -96,6 +116,15 @@ class LeanModel:
             cos, sin = base.rotary_emb(probe, pos)  # transformers' own tables, every position
         self.cos, self.sin = cos.reshape(self.max_len, -1), sin.reshape(self.max_len, -1)
         types = cfg.layer_types if self.kind == "qwen3_5_text" else cfg.layers_block_type
+        # The elementwise glue (norms, SwiGLU, gated norms): plain PyTorch, or inductor-fused
+        # (one compiled kernel per chain and shape; compiled in the runner's probe, at configure).
+        self.compile_glue = compile_glue
+        wrap = (lambda f: torch.compile(f, dynamic=False)) if compile_glue else (lambda f: f)
+        if compile_glue:
+            from torch import _dynamo
+            _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 64)
+        self.rms, self.swiglu = wrap(_rms), wrap(_swiglu)
+        self.gdn_norm, self.mamba_norm = wrap(_gdn_norm), wrap(_mamba_norm)
         self.layers: list[_Layer] = []
         self._flex: dict[int, ops.FlexAttention] = {}
         with torch.no_grad():
@@ -152,7 +181,7 @@ class LeanModel:
         if isinstance(attend, ops.FlexAttention):
             attend.set_length(pos + n)
         for layer in self.layers:
-            hn = _rms(h, layer.norm1, self.eps, self.zero_centered)
+            hn = self.rms(h, layer.norm1, self.eps, self.zero_centered)
             if layer.kind == "attn":
                 mix = self._attn(layer, hn, positions, attend, cos, sin)
             elif layer.kind == "gdn":
@@ -160,11 +189,9 @@ class LeanModel:
             else:
                 mix = self._mamba(layer, hn, valid, n)
             h = h + mix
-            hn = _rms(h, layer.norm2, self.eps, self.zero_centered)
-            gu = hn @ layer.w_gate_up.t()
-            g, u = gu.chunk(2, dim=-1)
-            h = h + (F.silu(g) * u) @ layer.w_down.t()
-        return _rms(h, self.final_norm, self.eps, self.zero_centered)
+            hn = self.rms(h, layer.norm2, self.eps, self.zero_centered)
+            h = h + self.swiglu(hn @ layer.w_gate_up.t()) @ layer.w_down.t()
+        return self.rms(h, self.final_norm, self.eps, self.zero_centered)
 
     def _conv(self, layer: _Layer, xbc: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         """Causal depthwise conv over [conv state | the chunk] + SiLU; the state becomes the last
@@ -194,13 +221,9 @@ class LeanModel:
         v = v.reshape(1, T, m.num_v_heads, m.head_v_dim).contiguous()
         fn = ops.gdn_recurrent_cuda if self.cuda else ops.gdn_recurrent_reference
         o = fn(q, k, v, a, b, m.A_log, m.dt_bias, layer.state["rec"])
-        # Qwen3.5 gated RMSNorm per value head: w * norm(o) (model dtype), times silu(z) in float32
-        o = o.reshape(T, m.num_v_heads, m.head_v_dim)
-        of = o.float()
-        of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + m.norm.variance_epsilon)
-        o = m.norm.weight * of.to(o.dtype)
-        o = (o * F.silu(z.reshape(T, m.num_v_heads, m.head_v_dim).float())).to(hn.dtype)
-        return o.reshape(T, -1) @ layer.w_out.t()
+        o = self.gdn_norm(o.reshape(T, m.num_v_heads, m.head_v_dim),
+                          z.reshape(T, m.num_v_heads, m.head_v_dim), m.norm.weight, m.norm.variance_epsilon)
+        return o.to(hn.dtype).reshape(T, -1) @ layer.w_out.t()
 
     def _mamba(self, layer: _Layer, hn: torch.Tensor, valid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         m = layer.mod
@@ -221,13 +244,8 @@ class LeanModel:
                              chunk_size=m.chunk_size)
         else:
             s = ops.ssm_reference(x, dt, m._lean_A, B, C, m.D, m.dt_bias, limit, layer.state["rec"])
-        s = s.reshape(T, -1)
-        # BambaRMSNormGated: silu(gate) * s in float32, grouped RMS, then w * (model dtype)
-        sf = s.float() * F.silu(gate.float())
-        g = m.norm.group_size
-        sg = sf.view(T, -1, g)
-        sg = sg * torch.rsqrt(sg.pow(2).mean(-1, keepdim=True) + m.norm.variance_epsilon)
-        s = m.norm.weight * sg.view(T, -1).to(s.dtype)
+        s = self.mamba_norm(s.reshape(T, -1), gate, m.norm.weight, m.norm.group_size,
+                            m.norm.variance_epsilon)
         return s.to(hn.dtype) @ layer.w_out.t()
 
     def _attn(self, layer: _Layer, hn: torch.Tensor, positions: torch.Tensor, attend: Callable,
@@ -244,8 +262,8 @@ class LeanModel:
         if self.kind == "qwen3_5_text":
             q, gate = torch.chunk(qg.view(T, hq, 2 * D), 2, dim=-1)
             gate = gate.reshape(T, -1)
-            q = _rms(q, a.q_norm.weight, a.q_norm.eps, True)
-            k = _rms(k.view(T, hkv, D), a.k_norm.weight, a.k_norm.eps, True)
+            q = self.rms(q, a.q_norm.weight, a.q_norm.eps, True)
+            k = self.rms(k.view(T, hkv, D), a.k_norm.weight, a.k_norm.eps, True)
         else:
             q, k = qg.view(T, hq, D), k.view(T, hkv, D)
         v = v.view(T, hkv, D)

@@ -111,7 +111,8 @@ def test_restore_after_dirtying_is_exact_with_no_recapture_and_kv_only_diverges(
             m.live.view(name).copy_(v)
     kv_only = m.forward(x)
     e.abort()
-    assert not torch.allclose(kv_only, reference, atol=1e-3)
+    # The full restore above is bit-exact, so any difference here is the stale recurrent state.
+    assert not torch.equal(kv_only, reference), "a KV-only restore must diverge"
     assert m.captures == captures, "serving after warm_up must not capture"
 
 
