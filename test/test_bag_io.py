@@ -110,13 +110,14 @@ def test_custom_types_roundtrip(tmp_path):
     T = ts.types
     header = T['std_msgs/msg/Header'](stamp=T['builtin_interfaces/msg/Time'](sec=5, nanosec=7),
                                       frame_id='f')
-    status = T['capsule_ros/msg/Status'](header=header, stream='front', request_id=3,
+    status = T['capsule_ros/msg/Status'](header=header, stream='front', input='front_cam',
+                                         request_id=3,
                                          code=T['capsule_ros/msg/Status'].BAD_SIZE, text='x')
     chunk = T['capsule_ros/msg/ActionChunk'](
-        header=header, stream='front', request_id=3, boundary=17, stamp_is_receive_time=False,
-        horizon=2, dof=3, names=['x', 'y', 'yaw'], step_period=0.1,
+        header=header, stream='front', request_id=3, seq=3, dropped=0, boundary=17,
+        stamp_is_receive_time=False, horizon=2, dof=3, names=['x', 'y', 'yaw'], step_period=0.1,
         values=np.arange(6, dtype=np.float32),
-        restore_ms=0.5, append_ms=1.0, act_ms=2.0, prev_commit_ms=0.25)
+        encode_ms=0.1, restore_ms=0.5, append_ms=1.0, act_ms=2.0, commit_ms=0.25)
     items = [('/capsule_node/status', 'capsule_ros/msg/Status', 10,
               bag_io.serialize(status, 'capsule_ros/msg/Status', ts)),
              ('/capsule_node/actions', 'capsule_ros/msg/ActionChunk', 20,
@@ -164,3 +165,69 @@ def test_rosbags_and_rclpy_messages_share_field_names():
             for fld in ('position', 'velocity', 'effort'):
                 assert np.array_equal(np.asarray(getattr(a, fld), np.float64),
                                       np.asarray(getattr(b, fld), np.float64))
+
+
+# ------------------------------------------------------------------ recorded QoS, unfinished bags
+from bagutil import BEST_EFFORT, demo_items, make_unfinished, qos, write_bag  # noqa: E402
+
+
+def _string_raw(text: str) -> bytes:
+    ts = bag_io.typestore_with()
+    return bag_io.serialize(ts.types['std_msgs/msg/String'](data=text), 'std_msgs/msg/String', ts)
+
+
+@pytest.mark.parametrize('storage,version', [('mcap', 9), ('sqlite3', 9), ('mcap', 8),
+                                             ('sqlite3', 8)])
+def test_recorded_qos_is_read_as_rosbag2_writes_it(tmp_path, storage, version):
+    import yaml
+    raw = _string_raw('x')
+    items = [(t, 'std_msgs/msg/String', i + 1, raw)
+             for i, t in enumerate(('/cam', '/map', '/plain', '/mixed'))]
+    bag = write_bag(tmp_path / 'b', items, storage=storage, version=version, offers={
+        '/cam': [BEST_EFFORT],
+        '/map': [qos('reliable', 'transient_local', depth=1)],
+        '/mixed': [BEST_EFFORT, qos('reliable')]})   # two recorded publishers that disagreed
+    # the metadata holds the profiles the way rosbag2 writes them: a YAML string up to version 8
+    # (Humble/Iron: integer enums), a list of mappings from version 9 (Jazzy: names)
+    meta = yaml.safe_load((bag / 'metadata.yaml').read_text())['rosbag2_bagfile_information']
+    stored = {t['topic_metadata']['name']: t['topic_metadata']['offered_qos_profiles']
+              for t in meta['topics_with_message_count']}
+    if version >= 9:
+        assert stored['/cam'][0]['reliability'] == 'best_effort'
+    else:
+        assert isinstance(stored['/cam'], str) and 'reliability: 2' in stored['/cam']
+    info = bag_io.bag_info(bag)
+    assert {t: i.count for t, i in info.items()} == {'/cam': 1, '/map': 1, '/plain': 1,
+                                                     '/mixed': 1}
+    offer = {t: bag_io.recorded_offer(i) for t, i in info.items()}
+    assert (offer['/cam'].reliability, offer['/cam'].durability) == ('best_effort', 'volatile')
+    assert (offer['/map'].reliability, offer['/map'].durability) == ('reliable', 'transient_local')
+    # nothing recorded, or publishers that disagreed: ros2 bag play's default, and why
+    for topic in ('/plain', '/mixed'):
+        assert (offer[topic].reliability, offer[topic].durability) == ('reliable', 'volatile')
+        assert offer[topic].note
+    assert not offer['/cam'].note
+
+
+@pytest.mark.parametrize('storage', ['mcap', 'sqlite3'])
+def test_unfinished_recording_is_a_clean_error_naming_reindex(tmp_path, storage):
+    bag = make_unfinished(write_bag(tmp_path / 'rec', demo_items(), storage=storage))
+    for call in (lambda: bag_io.bag_info(bag), lambda: list(bag_io.read_messages(bag)),
+                 lambda: bag_io.bag_topics(bag)):
+        with pytest.raises(bag_io.BagError, match='ros2 bag reindex'):
+            call()
+
+
+def test_mcap_without_summary_is_a_clean_error_naming_reindex(tmp_path):
+    """metadata.yaml present (an earlier split), the MCAP cut before its summary and footer."""
+    bag = make_unfinished(write_bag(tmp_path / 'rec', demo_items()), keep_metadata=True)
+    with pytest.raises(bag_io.BagError, match='ros2 bag reindex'):
+        list(bag_io.read_messages(bag))
+
+
+def test_missing_or_foreign_path_is_a_clean_error(tmp_path):
+    with pytest.raises(bag_io.BagError, match='no bag at'):
+        bag_io.bag_info(tmp_path / 'nothing')
+    (tmp_path / 'notes').mkdir()
+    with pytest.raises(bag_io.BagError, match='not a ROS 2 bag'):
+        bag_io.bag_info(tmp_path / 'notes')

@@ -145,8 +145,9 @@ def test_timed_mode_keeps_order_and_timing(echo_graph):
                  require_subscribers=[FRONT, WRIST, JOINTS, '/clock']).run()
     assert r.published == 120 and r.triggers == 40 and len(r.answers) == 40
     assert r.bag_duration_s == pytest.approx(3.95)
-    assert r.elapsed_s >= 3.95 / 10.0 - 0.01            # timing kept (scaled)
-    assert r.elapsed_s < 3.95 / 10.0 + 3.0              # and not wildly late
+    # timing kept: no message went out before its scaled bag time (how late one went depends
+    # on the machine's load, so it is not asserted)
+    assert len(r.lateness_s) == 120 and min(r.lateness_s) >= 0.0
     from rclpy.serialization import deserialize_message
     texts = [deserialize_message(a.rawdata, String).data for a in r.answers]
     # per trigger topic, answers in bag order (across topics the echo node's executor may

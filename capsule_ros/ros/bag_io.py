@@ -7,6 +7,11 @@ that a bag stores, so replay and recording need no message conversion.
 
 * :func:`read_messages` yields :class:`BagMessage` in bag time order; ``.msg`` is the message
   deserialized by rosbags (same field names as rclpy messages, see below).
+* :func:`bag_info` describes the topics (type, count, the QoS their publishers offered), and
+  :func:`recorded_offer` turns the recorded QoS into what ``ros2 bag play`` would offer.
+* A bag that cannot be read (none at the path, an unfinished recording, a corrupt file) raises
+  :class:`BagError` with a message naming the fix (``ros2 bag reindex``), never a rosbags
+  traceback.
 * :class:`BagRecorder` / :func:`write_messages` write ``(topic, msgtype, timestamp_ns, raw)``
   to a new MCAP bag (rosbag2 metadata version 9).
 * :func:`typestore_with` builds a rosbags typestore that also knows this package's own
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +119,62 @@ def serialize(msg: Any, msgtype: str, typestore=None) -> bytes:
 # reading
 # --------------------------------------------------------------------------------------------
 
+class BagError(RuntimeError):
+    """A bag that cannot be read: no bag at the path, an unfinished recording, a corrupt file.
+
+    The message says what to do (for an unfinished recording: ``ros2 bag reindex``), so tools
+    print it instead of a traceback.
+    """
+
+
+def _reindex_hint(path: Path) -> str:
+    return (f'it looks like an unfinished recording (the recorder stopped before writing its '
+            f'metadata.yaml or the MCAP summary); rebuild them with `ros2 bag reindex {path}` '
+            f'on a machine with rosbag2, then replay again')
+
+
+def _bag_error(path: Path, exc: BaseException) -> BagError:
+    """``exc`` from rosbags (opening or reading ``path``) as a :class:`BagError`."""
+    if not path.exists():
+        return BagError(f'no bag at {path}')
+    if path.is_dir() and not (path / 'metadata.yaml').exists():
+        files = sorted(p.name for p in path.iterdir() if p.suffix in ('.mcap', '.db3', '.zstd'))
+        if files:
+            return BagError(f'{path} has storage files ({", ".join(files[:3])}) but no '
+                            f'metadata.yaml: {_reindex_hint(path)}')
+        return BagError(f'{path} is not a ROS 2 bag (no metadata.yaml, no .mcap/.db3 files)')
+    return BagError(f'cannot read bag {path} ({type(exc).__name__}: {exc}); if the recording '
+                    f'was interrupted, {_reindex_hint(path)}')
+
+
+def _reader_errors() -> tuple[type[BaseException], ...]:
+    """What rosbags raises for missing, unfinished or corrupt bags."""
+    from rosbags.highlevel import AnyReaderError
+    from rosbags.rosbag2 import ReaderError
+    import sqlite3
+    import struct
+    return (AnyReaderError, ReaderError, FileNotFoundError, sqlite3.DatabaseError, struct.error,
+            EOFError)
+
+
+@contextmanager
+def open_bag(path: str | Path, typestore=None) -> Iterator[Any]:
+    """rosbags' ``AnyReader`` on ``path``, opened; rosbags' errors become :class:`BagError`."""
+    from rosbags.highlevel import AnyReader
+    path = Path(path)
+    errors = _reader_errors()
+    default = typestore if typestore is not None else typestore_with()
+    try:
+        reader = AnyReader([path], default_typestore=default)
+        reader.open()
+    except errors as e:
+        raise _bag_error(path, e) from e
+    try:
+        yield reader
+    finally:
+        reader.close()
+
+
 @dataclass
 class BagMessage:
     """One message of a bag: raw CDR bytes plus the rosbags-deserialized object (``.msg``)."""
@@ -138,12 +200,13 @@ def read_messages(path: str | Path, topics: Iterable[str] | None = None, *,
 
     Types defined in the bag (MCAP schemas / metadata) are registered automatically, so bags of
     custom types written by :class:`BagRecorder` read back without extra setup. ``typestore`` is
-    used for bags that carry no definitions.
+    used for bags that carry no definitions. A topic in ``topics`` that the bag lacks is a
+    ``KeyError`` (callers that tolerate it intersect with :func:`bag_info` first); a bag that
+    cannot be read -- also midway, e.g. a truncated file -- is a :class:`BagError`.
     """
-    from rosbags.highlevel import AnyReader
-    default = typestore if typestore is not None else typestore_with()
     wanted = None if topics is None else set(topics)
-    with AnyReader([Path(path)], default_typestore=default) as reader:
+    path = Path(path)
+    with open_bag(path, typestore) as reader:
         conns = [c for c in reader.connections if wanted is None or c.topic in wanted]
         if wanted is not None:
             missing = wanted - {c.topic for c in conns}
@@ -152,18 +215,88 @@ def read_messages(path: str | Path, topics: Iterable[str] | None = None, *,
         if not conns:
             return
         ts = reader.typestore
-        for conn, stamp, raw in reader.messages(connections=conns):
+        it = reader.messages(connections=conns)
+        errors = _reader_errors()
+        while True:
+            try:
+                conn, stamp, raw = next(it)
+            except StopIteration:
+                return
+            except errors as e:  # a chunk that cannot be read: truncated or corrupt
+                raise _bag_error(path, e) from e
             m = BagMessage(conn.topic, conn.msgtype, int(stamp), bytes(raw), ts)
             if eager:
                 m.msg  # noqa: B018 - deserialize now
             yield m
 
 
+@dataclass(frozen=True)
+class TopicInfo:
+    """One topic of a bag as its metadata describes it."""
+
+    topic: str
+    msgtype: str
+    count: int
+    #: the QoS profiles the recorded publishers offered (rosbags ``Qos`` tuples; rosbag2 stores
+    #: them as a YAML string in metadata version <= 8 and as a list in version 9 -- rosbags
+    #: parses both, and MCAP channel metadata too). Empty when the recorder did not store any.
+    offered_qos: tuple[Any, ...] = ()
+
+
+def bag_info(path: str | Path) -> dict[str, TopicInfo]:
+    """``{topic: TopicInfo}`` of a bag (several connections of one topic are merged)."""
+    out: dict[str, TopicInfo] = {}
+    with open_bag(path) as reader:
+        for c in reader.connections:
+            qos = tuple(getattr(c.ext, 'offered_qos_profiles', None) or ())
+            prev = out.get(c.topic)
+            if prev is None:
+                out[c.topic] = TopicInfo(c.topic, c.msgtype, int(c.msgcount), qos)
+            else:  # same topic recorded through several connections (split files, restarts)
+                out[c.topic] = TopicInfo(c.topic, prev.msgtype, prev.count + int(c.msgcount),
+                                         prev.offered_qos + qos)
+    return out
+
+
 def bag_topics(path: str | Path) -> dict[str, str]:
     """``{topic: msgtype}`` of a bag."""
-    from rosbags.highlevel import AnyReader
-    with AnyReader([Path(path)], default_typestore=typestore_with()) as reader:
-        return {c.topic: c.msgtype for c in reader.connections}
+    return {t: i.msgtype for t, i in bag_info(path).items()}
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What a replayer offers on one topic, from the recorded offers (as ``ros2 bag play``)."""
+
+    reliability: str       # 'reliable' | 'best_effort'
+    durability: str        # 'volatile' | 'transient_local'
+    note: str = ''         # why the recorded offers were not used, if they were not
+
+
+def recorded_offer(info: TopicInfo) -> Offer:
+    """The offer ``ros2 bag play`` derives from a topic's recorded QoS profiles.
+
+    rosbag2 (``Rosbag2QoS::adapt_offer_to_recorded_offers``): no recorded profile -> its
+    default (reliable, volatile); all recorded publishers agreeing on the policies that decide
+    compatibility -> their reliability and durability; publishers that disagreed -> the default,
+    with a warning. History and depth are the player's own (they do not affect matching).
+    """
+    profiles = info.offered_qos
+    if not profiles:
+        return Offer('reliable', 'volatile', 'no QoS recorded: reliable, volatile')
+
+    def key(q: Any) -> tuple:
+        return (q.reliability.name, q.durability.name, tuple(q.deadline), q.liveliness.name,
+                tuple(q.liveliness_lease_duration))
+
+    if len({key(q) for q in profiles}) > 1:
+        return Offer('reliable', 'volatile',
+                     f'its {len(profiles)} recorded publishers offered different QoS: '
+                     f'reliable, volatile (as ros2 bag play does)')
+    q = profiles[0]
+    # SYSTEM_DEFAULT / BEST_AVAILABLE / UNKNOWN (old bags) -> rosbag2's default offer
+    reliability = 'best_effort' if q.reliability.name == 'BEST_EFFORT' else 'reliable'
+    durability = 'transient_local' if q.durability.name == 'TRANSIENT_LOCAL' else 'volatile'
+    return Offer(reliability, durability)
 
 
 # --------------------------------------------------------------------------------------------
