@@ -162,9 +162,12 @@ ENCODER_KEYS: dict[str, tuple[Param, ...]] = {
     "image": (
         Param("resize", "int[]", [32, 32], "[H, W] the image is resized to", min=1),
         Param("patch", int, 8, "patch size (divides both resize sizes)", min=1),
-        Param("encodings", "str[]", list(IMAGE_ENCODINGS), "accepted encodings",
+        Param("encodings", "str[]", list(IMAGE_ENCODINGS), "accepted encodings; a "
+              "sensor_msgs/msg/CompressedImage input (JPEG/PNG, same kind) is checked by what it "
+              "decodes to: colour rgb8, grey mono8, alpha rgba8, 16-bit grey PNG 16UC1",
               choices=IMAGE_ENCODINGS),
-        Param("expect_size", "int[]", None, "[H, W] every image must have (optional)", min=1),
+        Param("expect_size", "int[]", None, "[H, W] every image must have (optional; the decoded "
+              "size for CompressedImage)", min=1),
         Param("depth_scale", float, 0.001, "16UC1 units -> metres"),
     ),
     "joint_state": (

@@ -8,7 +8,8 @@ numpy array) both work, as does a ``types.SimpleNamespace`` in tests.
 Contract of every encoder (``Encoder.encode``):
   1. validate the whole message first; a bad one raises ``CapsuleRosError`` with its code
      (``BAD_ENCODING``, ``BAD_SIZE``, ``NON_FINITE``, ``MISSING_JOINT``, ``BAD_INPUT``);
-  2. featurize (numpy / CPU torch), then project with this module's own weights;
+  2. featurize (numpy / CPU torch; nvjpeg on the encoder's CUDA device for a JPEG CompressedImage),
+     then project with this module's own weights;
   3. never touch model or capsule state: the engine may call ``encode`` before restore, and a
      rejected message leaves everything as it was.
 
@@ -26,6 +27,16 @@ Kinds (``spec['encoder']``) and their spec keys:
                projection serves every allowed encoding. Tokens: (H/patch)*(W/patch), row-major;
                each is Linear(patch*patch*channels -> hidden) + a learned per-patch position
                embedding (the backbone only sees 1-D order) + a learned input-type embedding.
+               The same kind takes sensor_msgs/CompressedImage (set the input's ``type`` to
+               sensor_msgs/msg/CompressedImage; no other key changes): ``format`` 'jpeg'/'png' or
+               image_transport's '<enc>; jpeg compressed bgr8'. The decoded pixels count as the raw
+               encoding they are (colour JPEG/PNG: rgb8, grey: mono8, PNG with alpha: rgba8,
+               16-bit grey PNG: 16UC1) and must be in ``encodings``; ``expect_size`` applies to the
+               decoded size, checked from the header before decoding. A JPEG embeds exactly like
+               the rgb8 Image of its decoded pixels. Decoded by Pillow on CPU; on CUDA by nvjpeg
+               when torchvision imports (pixels then differ from Pillow's by the decoders' rounding).
+               Unsupported format or pixel mode, or data not of the named codec: BAD_ENCODING;
+               empty, wrong size or over image_codecs.MAX_PIXELS: BAD_SIZE; corrupt: BAD_INPUT.
   joint_state  joints [names] (order), fields [position] (and/or velocity, effort). One token:
                Linear(len(joints)*len(fields) -> hidden) + type embedding; features joint-major
                ([j0.position, j0.velocity, j1.position, ...]).
@@ -54,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from capsule_ros.policy.image_codecs import decode_compressed
 from capsule_ros.policy.weights import SeededInit
 from capsule_ros.status_codes import CapsuleRosError, Code
 
@@ -174,10 +186,13 @@ class ImageEncoder(Encoder):
         self.type_embedding = init.normal(hidden_size, std=0.02)
 
     def features(self, msg: Any) -> torch.Tensor:
-        """Validated pixels, float32 ``[C, H, W]`` on CPU: rgb order, colour in [0, 1], depth in metres.
+        """Validated pixels, float32 ``[C, H, W]``: rgb order, colour in [0, 1], depth in metres.
 
-        Resizing and patchifying happen in ``project``, on the weights' device (a GPU when there).
+        On CPU, except a JPEG that nvjpeg decoded on this encoder's CUDA device. Resizing and
+        patchifying happen in ``project``, on the weights' device (a GPU when there).
         """
+        if not hasattr(msg, "encoding") and hasattr(msg, "format"):  # sensor_msgs/CompressedImage
+            return self._compressed_features(msg)
         encoding = _field(msg, "encoding")
         if encoding not in self.encodings:
             raise CapsuleRosError(Code.BAD_ENCODING,
@@ -206,6 +221,13 @@ class ImageEncoder(Encoder):
         # to [C, H, W] while still uint8 (a quarter of float32's bytes); the copy is also writable
         chw = np.ascontiguousarray(pixels.transpose(2, 0, 1))
         return torch.from_numpy(chw).float().div_(255.0)
+
+    def _compressed_features(self, msg: Any) -> torch.Tensor:
+        encoding, pixels = decode_compressed(_field(msg, "format"), _bytes(_field(msg, "data")),
+                                             self.encodings, self.expect_size, self._device(), self.name)
+        if encoding == "16UC1":  # raw 16-bit units, as the 16UC1 path reads them
+            return pixels.mul_(self.depth_scale)
+        return pixels.float().div_(255.0)
 
     def project(self, img: torch.Tensor) -> torch.Tensor:
         if img.shape[0] != self.channels:  # mono/depth into a 3-channel encoder
