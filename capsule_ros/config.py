@@ -115,6 +115,9 @@ SCHEMA: tuple[Param, ...] = (
           "empty: beside the checkpoint, or seeded random"),
     Param("model.threads", int, 0, "torch intra-op threads; 0 = all cores but one (one is left "
           "to the ROS executor)", min=0, max=1024),
+    Param("queries.context_wait_ms", float, 100.0, "how long a trigger waits for context that is "
+          "due (stamped before it) but not yet here; then it pairs with what has arrived",
+          min=0.0, max=10000.0),
     Param("capsules.history_depth", int, 8, "boundaries kept per stream for rollback", min=1, max=1024),
     Param("capsules.context_policy", str, "rebase", "what a stream does when it nears "
           "model.max_context", choices=CONTEXT_POLICIES),
@@ -193,6 +196,14 @@ STREAM_KEYS: tuple[Param, ...] = (
           required=True),
     Param("context", "str[]", None, "inputs that only add context to this stream"),
     Param("head.kind", str, "continuous", "what a query answers", choices=HEADS),
+    Param("queue", str, "latest", "latest: a newer trigger supersedes one still waiting (a robot "
+          "wants the freshest observation); fifo: every trigger waits its turn, up to queue_depth",
+          choices=("latest", "fifo")),
+    Param("queue_depth", int, 8, "fifo: triggers waiting at most (the oldest overflows)",
+          min=1, max=100000),
+    Param("max_age_ms", float, 0.0, "a trigger older than this (trigger stamp vs the node's "
+          "clock, sim time in replays) when its turn comes is dropped as stale; 0 = no limit",
+          min=0.0),
 )
 HEAD_KEYS: dict[str, tuple[Param, ...]] = {
     "continuous": (
@@ -241,6 +252,9 @@ class StreamSpec:
     trigger: str                 # input that triggers queries ("" for forked / loaded streams)
     context: tuple[str, ...]     # inputs that only add context
     head: dict                   # {"kind": ..., option: value}
+    queue: str = "latest"        # latest | fifo
+    queue_depth: int = 8
+    max_age_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -272,6 +286,11 @@ class CapsuleConfig:
 
 
 @dataclass(frozen=True)
+class QueriesConfig:
+    context_wait_ms: float = 100.0
+
+
+@dataclass(frozen=True)
 class ActuationConfig:
     enabled: bool = False        # JointTrajectory output is off unless asked for
     options: dict = field(default_factory=dict)
@@ -285,6 +304,7 @@ class NodeConfig:
     capsules: CapsuleConfig
     actuation: ActuationConfig
     autostart: bool = True
+    queries: QueriesConfig = QueriesConfig()
 
     def streams_fed_by(self, input_name: str) -> list[tuple[StreamSpec, bool]]:
         """(stream, is_trigger) for every stream that ``input_name`` feeds."""
@@ -400,14 +420,16 @@ def from_params(params: Mapping[str, Any]) -> NodeConfig:
         if "columns" in head and len(head["columns"]) != head["dof"]:
             raise ConfigError(f"streams.{name}.head.columns has {len(head['columns'])} names for "
                               f"dof {head['dof']}")
-        streams[name] = StreamSpec(name, sec["trigger"], context, head)
+        streams[name] = StreamSpec(name, sec["trigger"], context, head, sec["queue"],
+                                   sec["queue_depth"], sec["max_age_ms"])
 
     model = ModelConfig(**_section(values, "model."))
     capsules = CapsuleConfig(**_section(values, "capsules."))
     act = _section(values, "actuation.")
     enabled = act.pop("enabled")
     actuation = ActuationConfig(enabled, {k: v for k, v in act.items() if v is not None})
-    return NodeConfig(inputs, streams, model, capsules, actuation, values["autostart"])
+    return NodeConfig(inputs, streams, model, capsules, actuation, values["autostart"],
+                      QueriesConfig(**_section(values, "queries.")))
 
 
 def _section(values: Mapping[str, Any], prefix: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from .config import NODE_NAME, load_yaml, package_root
 from .ros.launch_args import node_arguments
 from .ros.replay import Replayer
 
-PARTS = ("restore_ms", "append_ms", "act_ms", "commit_ms")
+PARTS = ("encode_ms", "restore_ms", "append_ms", "act_ms", "commit_ms")
 
 
 def machine_label(device: str = "cpu") -> str:
@@ -45,14 +45,11 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def summarize(chunks: list, statuses: list, streams: list[str], machine: str) -> dict:
-    """Per stream: queries, errors, p50/p99 of each latency part (commit from prev_commit_ms)."""
+    """Per stream: queries, errors, p50/p99 of each latency part."""
     out: dict = {"machine": machine, "streams": {}}
     for name in streams:
         mine = sorted((c for c in chunks if c.stream == name), key=lambda c: c.request_id)
-        parts = {"restore_ms": [c.restore_ms for c in mine], "append_ms": [c.append_ms for c in mine],
-                 "act_ms": [c.act_ms for c in mine],
-                 # a query's commit runs after it is published: it arrives with the next answer
-                 "commit_ms": [c.prev_commit_ms for c in mine[1:]]}
+        parts = {p: [getattr(c, p) for c in mine] for p in PARTS}
         out["streams"][name] = {
             "queries": len(mine),
             "errors": sum(1 for s in statuses if s.stream == name and s.code >= 100),
@@ -106,12 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     statuses = [deserialize_message(a.rawdata, Status) for a in result.answers_on(f"{ns}/status")]
     for name in config.streams:
         print(f"\n== stream {name} ==")
-        print(f"{'id':>3} {'boundary':>8} {'restore':>8} {'append':>8} {'act':>7} {'commit*':>8}  actions[0,:4]")
+        print(f"{'id':>3} {'boundary':>8} {'encode':>7} {'restore':>8} {'append':>8} {'act':>7} "
+              f"{'commit':>7}  actions[0,:4]")
         for c in sorted((c for c in chunks if c.stream == name), key=lambda c: c.request_id):
             first = " ".join(f"{v:+.3f}" for v in list(c.values)[:4])
-            print(f"{c.request_id:>3} {c.boundary:>8} {c.restore_ms:>8.2f} {c.append_ms:>8.2f} "
-                  f"{c.act_ms:>7.2f} {c.prev_commit_ms:>8.2f}  {first}")
-    print("(* commit of the previous query on the stream; ms on this machine)")
+            print(f"{c.request_id:>3} {c.boundary:>8} {c.encode_ms:>7.2f} {c.restore_ms:>8.2f} "
+                  f"{c.append_ms:>8.2f} {c.act_ms:>7.2f} {c.commit_ms:>7.2f}  {first}")
+    print("(ms on this machine; each answer is published after its own commit)")
     for s in statuses:
         print(f"status [{s.stream}#{s.request_id}] code {s.code}: {s.text}")
 
@@ -124,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in summary["streams"].items():
         print(f"[demo] {name}: {s['queries']} queries, {s['errors']} errors, p50 restore "
               f"{s['restore_ms']['p50']} / append {s['append_ms']['p50']} / act {s['act_ms']['p50']}"
+              f" / encode {s['encode_ms']['p50']}"
               f" / commit {s['commit_ms']['p50']} ms ({summary['machine']})")
     return 0 if len(chunks) == result.triggers and result.triggers > 0 else 1
 

@@ -20,6 +20,7 @@ class Code(enum.IntEnum):
     BAD_INPUT = 104         # other malformed input
     UNKNOWN_STREAM = 200    # query for a stream that is not configured
     NO_OBSERVATION = 201    # query before the stream has anything to append
+    DROPPED = 202           # an explicit query superseded, overflowed or stale before it ran
     CONTEXT_FULL = 300      # context limit reached, policy 'refuse'
     CONTEXT_RESET = 301     # context limit reached, stream reset to its base (warning)
     CONTEXT_REBASED = 302   # context limit reached, stream rebased on its latest observations

@@ -21,7 +21,10 @@ from capsule_ros.capsule.places import CapsuleDirs, node_dir_name, resolve_root
 from capsule_ros.config import from_params
 from capsule_ros.models.registry import tiny_config
 from capsule_ros.runtime.engine import Engine
-from capsule_ros.runtime.pipeline import Answer, Failure, Pipeline, failure_from
+from capsule_ros.runtime.build import build_pipeline
+from capsule_ros.runtime.pipeline import Pipeline
+from capsule_ros.runtime.outcome import Answer, Failure
+from capsule_ros.runtime.pipeline import failure_from
 from capsule_ros.status_codes import Code
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest.py
@@ -71,7 +74,7 @@ def test_owner_lock_refuses_a_second_live_owner(tmp_path):
 
 def test_saved_and_streams_are_apart_and_restart_reloads_streams(tmp_path, monkeypatch):
     monkeypatch.setenv("ROS_HOME", str(tmp_path / "ros_home"))
-    p = Pipeline.build(from_params(params("caps")), node_name="/robot1/capsule_node")
+    p = build_pipeline(from_params(params("caps")), node_name="/robot1/capsule_node")
     root = tmp_path / "ros_home" / "caps"
     try:
         assert all(isinstance(o, Answer) for o in feed(p, 0.1))
@@ -91,7 +94,7 @@ def test_saved_and_streams_are_apart_and_restart_reloads_streams(tmp_path, monke
     assert files.list_capsules(streams) == ["front", "wrist"]
     assert files.list_capsules(root / "saved") == ["snapshot", "wrist"]
 
-    again = Pipeline.build(from_params(params("caps")), node_name="/robot1/capsule_node")
+    again = build_pipeline(from_params(params("caps")), node_name="/robot1/capsule_node")
     try:
         assert again.engine.store.position("wrist") == wrist_after   # not the user's snapshot
         assert sorted(again.engine.store.list()) == ["front", "wrist"]
@@ -101,7 +104,7 @@ def test_saved_and_streams_are_apart_and_restart_reloads_streams(tmp_path, monke
 
 
 def test_disk_full_save_is_coded_and_the_pipeline_keeps_serving(tmp_path, monkeypatch):
-    p = Pipeline.build(from_params(params(str(tmp_path))), node_name="/capsule_node")
+    p = build_pipeline(from_params(params(str(tmp_path))), node_name="/capsule_node")
     try:
         feed(p, 0.1)
         p.save("front", "keep")

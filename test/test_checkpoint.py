@@ -1,7 +1,7 @@
 """Loading a local checkpoint directory through the node's parameters (``model.path``).
 
 Each test saves its own checkpoint (``save_pretrained`` of a seeded random tiny model): loading it
-through ``from_params`` / ``Pipeline.build`` gives the same outputs as the in-memory model; a
+through ``from_params`` / ``build_pipeline`` gives the same outputs as the in-memory model; a
 missing file is an error naming it; ``policy.safetensors`` beside it supplies encoder and head
 weights; tokenizer files beside it give the text encoder and the token head a real tokenizer.
 """
@@ -19,7 +19,9 @@ from capsule_ros.models import ModelLoadError, ModelSpec
 from capsule_ros.models.hybrid import load_transformers_model
 from capsule_ros.models.registry import tiny_config
 from capsule_ros.policy.weights import POLICY_WEIGHTS_FILE, save_policy_weights
-from capsule_ros.runtime.pipeline import Answer, Pipeline
+from capsule_ros.runtime.build import build_pipeline
+from capsule_ros.runtime.pipeline import Pipeline
+from capsule_ros.runtime.outcome import Answer
 
 FAMILY = "qwen3_5_text"
 
@@ -71,7 +73,7 @@ def _answers(pipe: Pipeline, n: int = 3) -> list[Answer]:
 
 def test_checkpoint_loads_with_identical_outputs(checkpoint):
     root, model = checkpoint
-    pipe = Pipeline.build(from_params(params(path=str(root))))
+    pipe = build_pipeline(from_params(params(path=str(root))))
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     loaded = pipe.engine.model
     assert loaded.spec.path == str(root) and "checkpoint" in pipe.describe()
@@ -81,7 +83,7 @@ def test_checkpoint_loads_with_identical_outputs(checkpoint):
         assert torch.equal(loaded.model(input_ids=ids, use_cache=False).logits,
                            model(input_ids=ids, use_cache=False).logits)
     # the same seeded encoders/head on the in-memory model: the same actions, bit for bit
-    reference = Pipeline.build(from_params(params(seed=0)))
+    reference = build_pipeline(from_params(params(seed=0)))
     with torch.no_grad():
         reference.engine.model.model.load_state_dict(model.state_dict())
     for a, b in zip(_answers(pipe), _answers(reference)):
@@ -94,25 +96,25 @@ def test_missing_files_are_named(checkpoint, tmp_path):
     root, _ = checkpoint
     no_config = _copy(root, tmp_path / "no_config", skip={"config.json"})
     with pytest.raises(ModelLoadError, match="config.json"):
-        Pipeline.build(from_params(params(path=str(no_config))))
+        build_pipeline(from_params(params(path=str(no_config))))
     no_weights = _copy(root, tmp_path / "no_weights", skip={"model.safetensors"})
     with pytest.raises(ModelLoadError, match="model.safetensors"):
-        Pipeline.build(from_params(params(path=str(no_weights))))
+        build_pipeline(from_params(params(path=str(no_weights))))
     # a policy file alone is not a backbone
     (no_weights / POLICY_WEIGHTS_FILE).write_bytes(b"")
     with pytest.raises(ModelLoadError, match="model.safetensors"):
-        Pipeline.build(from_params(params(path=str(no_weights))))
+        build_pipeline(from_params(params(path=str(no_weights))))
     with pytest.raises(ModelLoadError, match="not found"):
-        Pipeline.build(from_params(params(path=str(tmp_path / "nowhere"))))
+        build_pipeline(from_params(params(path=str(tmp_path / "nowhere"))))
 
 
 def test_policy_weights_beside_checkpoint(checkpoint, tmp_path):
     root, _ = checkpoint
     ckpt = _copy(root, tmp_path / "with_policy")
-    trained = Pipeline.build(from_params(params(path=str(ckpt), seed=5)))  # other seeded weights
+    trained = build_pipeline(from_params(params(path=str(ckpt), seed=5)))  # other seeded weights
     modules = {"encoders.obs": trained.encoders["obs"], "head.s": trained.heads["s"]}
     save_policy_weights(modules, ckpt / POLICY_WEIGHTS_FILE)
-    pipe = Pipeline.build(from_params(params(path=str(ckpt), seed=0)))
+    pipe = build_pipeline(from_params(params(path=str(ckpt), seed=0)))
     assert pipe.policy_weights_loaded and "loaded" in pipe.describe()
     for key, module in modules.items():
         kind, name = key.split(".")
@@ -120,7 +122,7 @@ def test_policy_weights_beside_checkpoint(checkpoint, tmp_path):
         for (k, a), (_, b) in zip(module.state_dict().items(), target.state_dict().items()):
             assert torch.equal(a, b), k
     # the backbone weights id ignores the policy file: capsules stay valid when it changes
-    plain = Pipeline.build(from_params(params(path=str(root))))
+    plain = build_pipeline(from_params(params(path=str(root))))
     assert plain.engine.model.fingerprint.weights == pipe.engine.model.fingerprint.weights
 
 
@@ -136,7 +138,7 @@ def test_tokenizer_beside_checkpoint(checkpoint, tmp_path):
     tok.decoder = tokenizers.decoders.WordPiece()  # joins words with spaces
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>",
                             eos_token="</s>").save_pretrained(ckpt)
-    pipe = Pipeline.build(from_params(params(
+    pipe = build_pipeline(from_params(params(
         path=str(ckpt), head={"kind": "tokens", "max_new_tokens": 4})))
     assert pipe.engine.model.tokenizer is not None
     assert pipe.encoders["instr"].token_ids(NS(data="go right")) == [10, 12]

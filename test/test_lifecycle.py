@@ -47,8 +47,7 @@ class Rig:
     def observe(self, k: int) -> None:
         """One joint state, then one frame; wait for the answer to the frame."""
         before = len(self.actions)
-        self.joints.publish(joints(k))
-        spin_until(self.ex, lambda: self.node.pipeline.streams["front"].pending, 30, "context")
+        self.joints.publish(joints(k))  # same stamp as the frame: the node pairs them by time
         self.cam.publish(image(64, 48, k))
         spin_until(self.ex, lambda: len(self.actions) > before, 30, "an answer")
 

@@ -18,7 +18,7 @@ from capsule_ros.offline import run_offline  # noqa: E402
 from capsule_ros.ros.launch_args import node_arguments  # noqa: E402
 from capsule_ros.ros.node import CapsuleNode  # noqa: E402
 from capsule_ros.ros.replay import Replayer  # noqa: E402
-from capsule_ros.runtime.pipeline import Answer  # noqa: E402
+from capsule_ros.runtime.outcome import Answer  # noqa: E402
 from rosutil import activate, make_executor, ros_context  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.timeout(300)]

@@ -6,7 +6,7 @@ from typing import Any
 
 from builtin_interfaces.msg import Time
 
-from ..runtime.pipeline import Answer, Failure
+from ..runtime.outcome import Answer, Failure
 
 
 def import_type(type_name: str) -> Any:
@@ -28,11 +28,14 @@ def _answer_fields(msg: Any, answer: Answer, frame_id: str) -> Any:
     msg.header.frame_id = frame_id
     msg.stream = answer.stream
     msg.request_id = answer.request_id
+    msg.seq = answer.seq
+    msg.dropped = answer.dropped
     msg.boundary = answer.position
+    msg.encode_ms = float(answer.encode_ms)
     msg.restore_ms = float(answer.restore_ms)
     msg.append_ms = float(answer.append_ms)
     msg.act_ms = float(answer.act_ms)
-    msg.prev_commit_ms = float(answer.prev_commit_ms)
+    msg.commit_ms = float(answer.commit_ms)
     return msg
 
 
@@ -59,12 +62,15 @@ def to_text_chunk(answer: Answer, frame_id: str = "") -> Any:
     return msg
 
 
-def to_status(failure: Failure, stamp_ns: int) -> Any:
+def to_status(failure: Failure, now_ns: int) -> Any:
+    """A failure as a ``Status``: stamped with the trigger's stamp when it concerns one (so a
+    client can match it to what it sent), else with ``now_ns``."""
     from capsule_ros.msg import Status
 
     msg = Status()
-    msg.header.stamp = time_msg(stamp_ns)
+    msg.header.stamp = time_msg(failure.stamp_ns or now_ns)
     msg.stream = failure.stream
+    msg.input = failure.input
     msg.request_id = int(failure.request_id)
     msg.code = int(failure.code)
     msg.text = failure.text

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import rclpy
-from rclpy.executors import ExternalShutdownException
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import (HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data)
@@ -49,8 +50,9 @@ from ..config import NODE_NAME, ConfigError, NodeConfig
 from ..doctor import failed, run_checks
 from ..policy.heads import ContinuousActionHead
 from ..policy.safety import ActuationGuard
-from ..runtime.engine import stats as engine_stats
-from ..runtime.pipeline import ActionOutput, Answer, Failure, Outcome, Pipeline, failure_from
+from ..runtime.build import build_pipeline
+from ..runtime.outcome import ActionOutput, Answer, Failure, Outcome
+from ..runtime.pipeline import Pipeline, failure_from
 from ..status_codes import CapsuleRosError, Code
 from .convert import import_type, time_msg, to_action_chunk, to_status, to_text_chunk
 from .diagnostics import Diagnostics
@@ -135,7 +137,10 @@ class CapsuleNode(LifecycleNode):
         self._pubs: list[Any] = []
         self._subs: list[Any] = []
         self._service = None
-        self.errors: dict[str, int] = {}
+        # Inputs hand on in one group (in arrival order); services answer in their own, on
+        # other executor threads, while a query runs on the worker.
+        self._inputs_group = MutuallyExclusiveCallbackGroup()
+        self._services_group = ReentrantCallbackGroup()
 
     # -- lifecycle ----------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -144,7 +149,7 @@ class CapsuleNode(LifecycleNode):
             self.params.declare()  # sections of names set while unconfigured
             self.config = self.params.config()
             self._check_environment(self.config.model.device)
-            self.pipeline = Pipeline.build(self.config, node_name=self.get_fully_qualified_name())
+            self.pipeline = build_pipeline(self.config, node_name=self.get_fully_qualified_name())
             self.get_logger().info(self.pipeline.describe())
             if not self.pipeline.policy_weights_loaded:
                 self.get_logger().warning("encoder and head weights are seeded random: no "
@@ -153,6 +158,7 @@ class CapsuleNode(LifecycleNode):
             self.actuation = build_actuation(self.config, self.pipeline.heads)
             warm = self.pipeline.warm_up()
             self._make_interfaces()
+            self.pipeline.start(self._publish, self._now_ns)
         except ConfigError as e:
             self.get_logger().error(f"configure failed: {e}")
             self._release()
@@ -163,7 +169,6 @@ class CapsuleNode(LifecycleNode):
             self._release()
             return TransitionCallbackReturn.FAILURE
         self.configure_s = time.monotonic() - t0
-        self.errors = {name: 0 for name in self.config.streams}
         self.state = "inactive"
         self.get_logger().info(f"configured in {self.configure_s:.2f} s ({warm})")
         return TransitionCallbackReturn.SUCCESS
@@ -196,6 +201,9 @@ class CapsuleNode(LifecycleNode):
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._unsubscribe_all()
+        # what was accepted is answered (and published) before the publishers go quiet
+        if not self.pipeline.scheduler.wait_idle(timeout=30.0):
+            self.get_logger().warning("deactivate: queries still running after 30 s")
         self.state = "inactive"
         return super().on_deactivate(state)
 
@@ -227,7 +235,8 @@ class CapsuleNode(LifecycleNode):
             self.trajectory_pub = self.create_lifecycle_publisher(
                 JointTrajectory, "~/joint_trajectory", ANSWER_QOS)
             self._pubs.append(self.trajectory_pub)
-        self._service = self.create_service(CapsuleOp, "~/capsule", self._on_capsule_op)
+        self._service = self.create_service(CapsuleOp, "~/capsule", self._on_capsule_op,
+                                            callback_group=self._services_group)
         self.diagnostics = Diagnostics(self, self.pipeline.figures, hardware_id="capsule_ros",
                                        node_values=self._node_values)
         self.diagnostics.start()
@@ -245,7 +254,7 @@ class CapsuleNode(LifecycleNode):
             self.destroy_lifecycle_publisher(pub)
         self._pubs = []
         if self.pipeline is not None:
-            self.pipeline.close()
+            self.pipeline.close()  # stops the worker after the query in hand, flushes writes
             self.pipeline = None
         self.actuation = None
         _free_device_memory()
@@ -258,8 +267,10 @@ class CapsuleNode(LifecycleNode):
             self._subs.append(self.create_subscription(
                 import_type(spec.type), spec.topic,
                 lambda msg, name=spec.name: self._on_input(name, msg), input_qos(spec),
-                qos_overriding_options=QoSOverridingOptions.with_default_policies()))
-        self._subs.append(self.create_subscription(Query, "~/query", self._on_query, ANSWER_QOS))
+                qos_overriding_options=QoSOverridingOptions.with_default_policies(),
+                callback_group=self._inputs_group))
+        self._subs.append(self.create_subscription(Query, "~/query", self._on_query, ANSWER_QOS,
+                                                   callback_group=self._inputs_group))
 
     def _unsubscribe_all(self) -> None:
         for sub in self._subs:
@@ -290,24 +301,16 @@ class CapsuleNode(LifecycleNode):
         return self.get_clock().now().nanoseconds
 
     def _on_input(self, input_name: str, msg: Any) -> None:
-        self.pipeline.on_message(input_name, msg, self._now_ns(), self._publish)
+        self.pipeline.on_message(input_name, msg, self._now_ns())
 
     def _on_query(self, msg: Query) -> None:
-        instruction = None
-        if msg.instruction:
-            text = [e for e in self.pipeline.encoders.values() if getattr(e, "kind", "") == "text"]
-            if not text:
-                self._publish(Failure(msg.stream, msg.request_id, Code.BAD_INPUT,
-                                      "no text input is configured for instructions"))
-                return
-            try:
-                instruction = text[0].encode(msg)
-            except CapsuleRosError as e:
-                self._publish(Failure(msg.stream, msg.request_id, e.code, e.text))
-                return
-        self.pipeline.query(msg.stream, msg.request_id, instruction, self._now_ns(), self._publish)
+        stamp = msg.header.stamp
+        self.pipeline.query(msg.stream, msg.request_id, msg.instruction, msg.input,
+                            stamp_ns=stamp.sec * 1_000_000_000 + stamp.nanosec,
+                            receive_ns=self._now_ns())
 
     def _publish(self, outcome: Outcome) -> None:
+        """What the worker returns, as messages (called from the worker thread)."""
         if isinstance(outcome, Answer):
             if isinstance(outcome.output, ActionOutput):
                 self.actions_pub.publish(to_action_chunk(outcome))
@@ -317,8 +320,11 @@ class CapsuleNode(LifecycleNode):
             else:
                 self.text_pub.publish(to_text_chunk(outcome))
             return
+        # a flood of bad messages must not flood the log: throttled, and names cut short
         log = self.get_logger().warning if outcome.code < 900 else self.get_logger().error
-        log(f"[{outcome.stream}#{outcome.request_id}] {Code(outcome.code).name}: {outcome.text}")
+        where = outcome.stream or outcome.input or "-"
+        log(f"[{where[:64]}#{outcome.request_id}] {Code(outcome.code).name}: {outcome.text[:300]}",
+            throttle_duration_sec=1.0)
         self.status_pub.publish(to_status(outcome, self._now_ns()))
 
     def _actuate(self, answer: Answer) -> None:
@@ -338,46 +344,48 @@ class CapsuleNode(LifecycleNode):
                 time_msg(answer.stamp_ns), act.frame_id))
 
     def _on_capsule_op(self, request: CapsuleOp.Request, response: CapsuleOp.Response):
-        if self.pipeline is None:
+        """Capsule verbs. Those that change a stream run on the worker in the stream's order
+        (a commit never overwrites them); file reads and writes run here. Never raises."""
+        pipeline = self.pipeline
+        if pipeline is None:
             response.ok, response.code = False, int(Code.BAD_INPUT)
             response.message = f"node is {self.state}: configure it first"
             return response
-        engine = self.pipeline.engine
         op, stream = request.op, request.stream
         try:
+            at = None
             if op == "list":
-                response.names = engine.store.list()
+                response.names = pipeline.list_streams()
             elif op == "stats":
-                response.json = json.dumps(engine_stats(engine))
+                response.json = json.dumps(pipeline.stats())
             elif op == "rollback":
-                engine.rollback(stream, request.count or 1)
-                self.pipeline.figures.stream(stream).set_context(engine.store.position(stream))
+                at = pipeline.rollback(stream, request.count or 1)
             elif op == "reset":
-                engine.reset(stream)
-                self.pipeline.figures.stream(stream).set_context(engine.store.position(stream))
+                at = pipeline.reset(stream)
             elif op == "fork":
-                self.pipeline.fork(stream, request.target)
+                pipeline.fork(stream, request.target)
             elif op in ("pin", "unpin"):
-                engine.store.pin(stream, op == "pin")
+                pipeline.pin(stream, op == "pin")
             elif op == "drop":
-                if stream in self.config.streams and self.config.streams[stream].trigger:
-                    raise CapsuleError(f"{stream!r} is a configured stream; reset it instead")
-                engine.drop(stream)
-                self.pipeline.figures.drop(stream)
+                pipeline.drop(stream)
             elif op == "save":
-                response.json = json.dumps({"path": self.pipeline.save(stream, request.target)})
+                response.json = json.dumps({"path": pipeline.save(stream, request.target)})
             elif op == "load":
-                self.pipeline.load(stream, request.target or stream)
+                at = pipeline.load(stream, request.target or stream)
             else:
-                raise CapsuleRosError(Code.BAD_INPUT, f"unknown op {op!r}")
-        except (CapsuleError, CapsuleRosError) as e:
-            failure = failure_from(stream, 0, e)
+                raise CapsuleRosError(Code.BAD_INPUT, f"unknown op {op[:64]!r}; ops: list, stats, "
+                                      f"rollback, reset, fork, pin, unpin, drop, save, load")
+        except Exception as e:  # coded errors as they are; anything else is INTERNAL
+            failure = (failure_from(stream, 0, e) if isinstance(e, (CapsuleError, CapsuleRosError))
+                       else Failure(stream, 0, Code.INTERNAL, f"{type(e).__name__}: {e}"))
+            if failure.code == Code.INTERNAL:
+                self.get_logger().error(f"~/capsule {op[:64]}: {traceback.format_exc()}")
             response.ok, response.code, response.message = False, int(failure.code), failure.text
-            self.get_logger().warning(f"~/capsule {op} {stream!r}: {failure.text}")
+            self.get_logger().warning(f"~/capsule {op[:64]} {stream[:64]!r}: {failure.text[:300]}",
+                                      throttle_duration_sec=1.0)
             return response
         response.ok, response.code = True, 0
-        at = f"; {stream} at {engine.store.position(stream)}" if stream in engine.store else ""
-        response.message = f"{op} ok{at}"
+        response.message = f"{op} ok" + (f"; {stream} at {at}" if at is not None else "")
         return response
 
     def _node_values(self) -> dict[str, str]:
@@ -417,7 +425,9 @@ def run(args: list[str] | None = None) -> int:
         if node.get_parameter("autostart").value:
             if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
                 node.trigger_activate()
-        rclpy.spin(node)
+        executor = MultiThreadedExecutor(num_threads=3)
+        executor.add_node(node)
+        executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

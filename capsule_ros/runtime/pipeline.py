@@ -1,200 +1,57 @@
-"""From messages to answers: the query path shared by the ROS node and offline runs.
+"""The query path, top to bottom, shared by the ROS node and offline runs.
 
-``Pipeline.on_message`` takes one message of one input. It encodes (and so validates) it first;
-a bad message yields a ``Failure`` and changes nothing. A context input's embedding is kept as
-that stream's pending context; a trigger runs a query on every stream it triggers: restore,
-append (pending context, then the trigger), act, publish (the caller's callback), commit.
+Handing on (``on_message``, ``query``): a message is encoded at once (encoding validates it: a
+bad message is one ``Failure`` and changes nothing), kept as context of its input, and, for each
+stream it triggers, queued as a ``Job`` (``worker.Scheduler``: per-stream policies, fairness,
+exact accounting). The worker then runs ``answer`` for each job, which reads top to bottom:
 
-Both head kinds go through that one path and one ``Answer``: a continuous head's ``output`` is an
-``ActionOutput`` (chunk + step period), a token head's a ``TextOutput`` (ids, text, why it
-stopped). A token head decodes inside the query, before publish and commit (see ``_TokenAct``).
+    context paired by time -> tensors -> restore -> append -> act -> commit -> outcome
 
-The node and ``capsule_ros.demo``'s offline run call exactly this, so a bag replayed through ROS
-and the same messages fed offline give the same actions.
+and returns what to publish. A published boundary is always a committed one: the answer is made
+after the commit, and a refused commit publishes a status instead. Any exception aborts the
+query (the stream keeps its previous boundary) and becomes an ``INTERNAL`` status (the
+scheduler's error boundary).
+
+The node runs the worker in a thread (``start``); offline runs drain it in the caller, so a bag
+replayed through ROS and the same messages fed offline take the same path and pair the same
+context.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
+import traceback
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from ..capsule import CapsuleError
-from ..capsule.files import clean_stale_temps, list_capsules, load_capsule, save_capsule
+from ..capsule.files import list_capsules, load_capsule, save_capsule
 from ..capsule.persist import Persister
 from ..capsule.places import CapsuleDirs, OwnerLock
-from ..capsule.tiers import TierFiles
-from ..config import ConfigError, NodeConfig, resolve
-from ..models import HybridModel, ModelSpec
-from ..policy.encoders import build_encoder
-from ..policy.heads import ContinuousActionHead, TokenSampler, build_head
-from ..policy.weights import load_policy_weights, policy_weights_path
+from ..config import ConfigError, NodeConfig, StreamSpec
 from ..status_codes import CapsuleRosError, Code, capsule_code
+from .context import ContextCache
+from .decode import Head, TextCodec, act_for
 from .engine import Engine, QueryResult
-from .tier_policy import TierConfig
+from .engine import stats as engine_stats
 from .figures import Figures
+from .outcome import ActionOutput, Answer, Failure, Outcome, Publish, TextOutput  # noqa: F401
+from .worker import Job, Scheduler, StreamPolicy
 
 log = logging.getLogger("capsule_ros")
 
-
-@dataclass(frozen=True)
-class ActionOutput:
-    """A continuous head's chunk: ``values`` ``[horizon, dof]``, one row every ``step_period`` s."""
-
-    values: np.ndarray
-    step_period: float
-    columns: tuple[str, ...] = ()  # the name of each column (joint or axis)
-    kind = "continuous"
-
-
-@dataclass(frozen=True)
-class TextOutput:
-    """A token head's continuation: the ids sampled after the query, and their text."""
-
-    token_ids: tuple[int, ...]
-    text: str
-    stop: str                    # "eos" | "max_new_tokens" | "context" (no room left)
-    kind = "tokens"
-
-
-@dataclass
-class Answer:
-    """One answered query, whatever the stream's head: ``output`` is an ActionOutput or a TextOutput."""
-
-    stream: str
-    request_id: int
-    output: ActionOutput | TextOutput
-    position: int                # boundary committed by this query
-    stamp_ns: int                # trigger header stamp, or receive time (flagged)
-    stamp_is_receive_time: bool
-    restore_ms: float
-    append_ms: float
-    act_ms: float                # head, including every decode step of a token head
-    prev_commit_ms: float        # this stream's previous commit (commit runs after publishing)
-    events: list[tuple[Code, str]] = field(default_factory=list)
-
-    # continuous-head shorthands (None for a token head)
-    @property
-    def actions(self) -> np.ndarray | None:
-        return self.output.values if isinstance(self.output, ActionOutput) else None
-
-    @property
-    def step_period(self) -> float | None:
-        return self.output.step_period if isinstance(self.output, ActionOutput) else None
-
-
-@dataclass
-class Failure:
-    stream: str
-    request_id: int
-    code: Code
-    text: str
-
-
-Outcome = Answer | Failure
-Publish = Callable[[Outcome], None]
+CONTEXT_DEPTH = 32   # messages kept per context input (covers the pairing wait at sensor rates)
+TRIGGER_DEPTH = 2    # per trigger-only input (for ~/query's ``input``)
 
 
 @dataclass
 class _StreamState:
     next_request: int = 1
-    pending: dict[str, torch.Tensor] = field(default_factory=dict)  # context input -> embeds
-    last_commit_ms: float = 0.0
-
-
-Head = ContinuousActionHead | TokenSampler
-
-
-class TextCodec:
-    """Token ids -> text: the checkpoint tokenizer's ``decode`` when there is one, else the mirror
-    of the text encoder's byte-level fallback (id - byte_offset as a utf-8 byte; ids outside
-    [byte_offset, byte_offset + 256) and end-of-sequence ids are skipped, bad utf-8 is replaced).
-    """
-
-    def __init__(self, tokenizer: Any = None, byte_offset: int = 0,
-                 eos_ids: frozenset[int] = frozenset()) -> None:
-        self.tokenizer, self.byte_offset, self.eos_ids = tokenizer, int(byte_offset), eos_ids
-
-    def decode(self, ids: list[int] | tuple[int, ...]) -> str:
-        if self.tokenizer is not None:
-            return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-        raw = bytes(i - self.byte_offset for i in ids
-                    if i not in self.eos_ids and 0 <= i - self.byte_offset < 256)
-        return raw.decode("utf-8", errors="replace")
-
-
-class _ContinuousAct:
-    """A continuous head: the whole act happens on the query's last hidden state."""
-
-    def __init__(self, head: ContinuousActionHead, columns: tuple[str, ...]) -> None:
-        self.head, self.columns = head, columns
-
-    def first(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden)
-
-    def finish(self, first: torch.Tensor) -> ActionOutput:
-        return ActionOutput(first.detach().cpu().numpy(), self.head.step_period, self.columns)
-
-
-class _TokenAct:
-    """A token head: the first token from the query's last hidden state (inside ``engine.query``),
-    then decode (after it, before commit): each sampled token, as the model's own embedding, is
-    fed back with ``engine.extend`` until EOS, ``max_new_tokens`` or the context limit. Every
-    emitted token is fed back, so the committed boundary holds the whole answer and the next query
-    continues after it.
-
-    Randomness: a ``torch.Generator`` whose state lives in ``engine.meta_tensors["rng"]``,
-    restored with the stream's capsule at the start of act and committed with the new boundary;
-    a stream without one (new, or reset to empty) seeds it from the head's ``seed``. So a restored
-    or rolled-back stream samples the same continuation.
-    """
-
-    RNG_KEY = "rng"
-
-    def __init__(self, sampler: TokenSampler, engine: Engine, codec: TextCodec) -> None:
-        self.sampler, self.engine, self.codec = sampler, engine, codec
-        self.model: HybridModel = engine.model
-        self.generator: torch.Generator | None = None
-
-    def _restore_generator(self) -> torch.Generator | None:
-        if self.sampler.greedy:
-            return None
-        device = self.model.live.device
-        state = self.engine.meta_tensors.get(self.RNG_KEY)
-        if state is None:
-            return self.sampler.new_generator(device)
-        gen = torch.Generator(device=device)
-        gen.set_state(state.clone())
-        return gen
-
-    def first(self, hidden: torch.Tensor) -> int:
-        self.generator = self._restore_generator()
-        return self.sampler.pick(self.model.logits(hidden), self.generator)
-
-    def finish(self, token: int) -> TextOutput:
-        ids = [token]
-        eos = self.model.eos_token_ids
-        stop = "max_new_tokens"
-        with torch.no_grad():
-            while True:
-                if self.model.position + 1 > self.model.max_len:
-                    stop = "context"
-                    break
-                hidden = self.engine.extend(self.model.embed_tokens([ids[-1]]), source="decode")
-                if ids[-1] in eos:
-                    stop = "eos"
-                    break
-                if len(ids) >= self.sampler.max_new_tokens:
-                    break
-                ids.append(self.sampler.pick(self.model.logits(hidden[-1]), self.generator))
-        if self.generator is not None:
-            self.engine.meta_tensors[self.RNG_KEY] = self.generator.get_state()
-        return TextOutput(tuple(ids), self.codec.decode(ids), stop)
+    last_context: dict[str, int] = field(default_factory=dict)  # input -> message appended last
 
 
 class Pipeline:
@@ -204,77 +61,40 @@ class Pipeline:
         self.config = config
         self.engine = engine
         self.encoders = encoders
-        self.heads = heads
+        self.heads: dict[str, Head] = {}
         self.policy_weights_loaded = policy_weights_loaded
         text = [e for e in encoders.values() if getattr(e, "kind", "") == "text"]
+        self.text_encoder = text[0] if text else None
         self.codec = TextCodec(tokenizer, text[0].byte_offset if text else 0,
                                engine.model.eos_token_ids)
-        self.streams = {name: _StreamState() for name in config.streams}
         self.persister: Persister | None = None
         self.dirs: CapsuleDirs | None = None       # capsule files, when capsules.directory is set
-        self._owner: OwnerLock | None = None
+        self.owner: OwnerLock | None = None
         # Bounded per-stream figures (latency window, rates, errors, context) for diagnostics.
         self.figures = Figures(max_context=engine.model.max_len)
-        for name in config.streams:
-            engine.add_stream(name)
+        context_inputs = {c for s in config.streams.values() for c in s.context}
+        self.context = ContextCache({name: CONTEXT_DEPTH if name in context_inputs else TRIGGER_DEPTH
+                                     for name in config.inputs})
+        self._sink: Publish = lambda outcome: None
+        self.scheduler = Scheduler(self.answer, self._emit, now_ns=lambda: 0, ready=self.ready,
+                                   context_wait_s=config.queries.context_wait_ms / 1e3)
+        # the one stream registry: configured, forked, loaded and dropped streams all go through it
+        self.streams: dict[str, _StreamState] = {}
+        for name in list(config.streams):
+            self._register(config.streams[name], heads[name])
 
-    @classmethod
-    def build(cls, config: NodeConfig, node_name: str = "/capsule_node",
-              ros_home: str | None = None) -> "Pipeline":
-        """Everything from the config. ``node_name`` (fully qualified) names this node's own
-        capsule directories; a relative ``capsules.directory`` resolves against ``ros_home``
-        (default: $ROS_HOME, else ~/.ros)."""
-        m = config.model
-        set_threads(m.threads)
-        spec = ModelSpec(config_file=resolve(m.config_file) if not m.path else None,
-                         path=m.path or None, seed=m.seed, dtype=m.dtype, device=m.device,
-                         max_len=m.max_context)
-        model = HybridModel.load(spec)
-        if model.live.device.type == "cuda" and m.cuda_graphs:
-            model.enable_graphs()  # graph-bound execution: restores copy into captured buffers
-        caps = config.capsules
-        engine = Engine(model, history_depth=caps.history_depth,
-                        chunk_size=m.chunk_size, context_policy=caps.context_policy,
-                        rebase_window=caps.rebase_window, verify_every=caps.verify_every)
-        hidden = model.hidden_size
-        encoders = {name: build_encoder(name, dict(spec.encoder), hidden, m.seed,
-                                        token_embedding=model.token_embedding(),
-                                        tokenizer=model.tokenizer)
-                    for name, spec in config.inputs.items()}
-        heads: dict[str, Head] = {}
-        for name, s in config.streams.items():
-            head_spec = dict(s.head)
-            head_spec["head"] = head_spec.pop("kind", "continuous")
-            heads[name] = build_head(head_spec, hidden, m.seed, name=f"head.{name}")
-        weights_file = m.policy_weights or (str(policy_weights_path(m.path)) if m.path else "")
-        modules = {f"encoders.{k}": v for k, v in encoders.items()}
-        # token samplers have no weights (they use the model's own LM head)
-        modules.update({f"head.{k}": v for k, v in heads.items() if isinstance(v, torch.nn.Module)})
-        loaded = load_policy_weights(modules, resolve(weights_file) if weights_file else None)
-        for module in modules.values():
-            # on the model's device: images are resized and projected there, not on the CPU
-            module.to(model.live.device).eval()
-        pipeline = cls(config, engine, encoders, heads, loaded, tokenizer=model.tokenizer)
-        pipeline.open_files(node_name, ros_home)
-        return pipeline
+    def _register(self, spec: StreamSpec, head: Head) -> None:
+        self.config.streams[spec.name] = spec
+        self.heads[spec.name] = head
+        self.streams[spec.name] = _StreamState()
+        if spec.name not in self.engine.store:
+            self.engine.add_stream(spec.name)
+        self.scheduler.add_stream(spec.name, StreamPolicy(spec.queue, spec.queue_depth,
+                                                          spec.max_age_ms))
+        self.figures.stream(spec.name)
 
-    def open_files(self, node_name: str, ros_home: str | None = None) -> None:
-        """Claim this node's capsule directories (refused while another live process owns
-        them), set up tier budgets, persistence and reload."""
-        caps, layout = self.config.capsules, self.engine.live.layout
-        if not caps.directory:
-            if caps.persist_on_commit or caps.reload_at_start:
-                raise ValueError("capsules.directory is required for persist_on_commit/reload_at_start")
-            _configure_tiers(self.engine, caps, None)
-            return
-        self.dirs = CapsuleDirs.of(caps.directory, node_name, ros_home)
-        self._owner = self.dirs.claim()
-        clean_stale_temps(self.dirs.saved)
-        _configure_tiers(self.engine, caps, TierFiles(self.dirs.tiers, layout))
-        if caps.persist_on_commit or caps.reload_at_start:
-            self.persister = Persister(self.dirs.streams, layout)
-        if caps.reload_at_start:
-            self.reload()
+    def triggered_by(self, input_name: str) -> list[str]:
+        return [s.name for s in self.config.streams.values() if s.trigger == input_name]
 
     # -- capsule files ---------------------------------------------------------------------
     def reload(self) -> list[str]:
@@ -295,31 +115,91 @@ class Pipeline:
 
     def save(self, stream: str, name: str = "") -> str:
         """Write the stream's boundary to ``saved/`` as ``<name or stream>`` (user snapshots:
-        persistence never touches them)."""
+        persistence never touches them). The boundary is taken on the worker, in the stream's
+        order; the file is written here, off the query path (a capsule never changes)."""
         directory = self._saved_dir()
+        capsule = self.call(lambda: self._boundary_to_save(stream))
+        return str(save_capsule(capsule, directory, name or stream, self.engine.live.layout))
+
+    def _boundary_to_save(self, stream: str) -> Any:
+        if stream not in self.engine.store:
+            raise CapsuleRosError(Code.UNKNOWN_STREAM, f"unknown stream {_short(stream)}")
         if self.engine.store.slot(stream).held_current is None:
             raise CapsuleError(f"stream {stream!r} has no boundary to save (empty context)")
-        return str(save_capsule(self.engine.boundary(stream), directory, name or stream,
-                                self.engine.live.layout))
+        return self.engine.boundary(stream)
 
     def load(self, stream: str, name: str) -> int:
-        """Load ``saved/<name>`` (verified) as the stream's boundary; a new stream is queryable
-        by ``~/query``. Returns the loaded position. A refused load changes nothing."""
+        """Load ``saved/<name>`` (verified here, off the query path) as the stream's boundary,
+        on the worker in the stream's order; a new stream is queryable by ``~/query``. Returns
+        the loaded position. A refused load changes nothing."""
         capsule = load_capsule((self._saved_dir(), name), self.engine.model.fingerprint,
                                self.engine.live.layout, device=self.engine.live.device)
-        self.engine.install(stream, capsule)
-        if stream not in self.streams:
-            self._adopt(stream, like=next(iter(self.config.streams)))
-        return capsule.position
+
+        def install() -> int:
+            self.engine.install(stream, capsule)
+            if stream not in self.streams:
+                self._adopt(stream, like=next(iter(self.config.streams)))
+            self._context_changed(stream)
+            return capsule.position
+        return self.call(install)
+
+    # -- capsule verbs: on the worker, between queries, in the stream's order ---------------
+    def rollback(self, stream: str, k: int = 1) -> int:
+        def op() -> int:
+            self._known(stream)
+            self.engine.rollback(stream, k)
+            return self._context_changed(stream)
+        return self.call(op)
+
+    def reset(self, stream: str) -> int:
+        def op() -> int:
+            self._known(stream)
+            self.engine.reset(stream)
+            return self._context_changed(stream)
+        return self.call(op)
+
+    def pin(self, stream: str, pinned: bool) -> None:
+        def op() -> None:
+            self._known(stream)
+            self.engine.store.pin(stream, pinned)
+        self.call(op)
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's figures and the worker's accounting (received = answered + superseded
+        + overflowed + stale + rejected + failed + pending, per stream)."""
+        out = self.call(lambda: engine_stats(self.engine))
+        out["accounting"] = self.scheduler.accounting()
+        return out
+
+    def list_streams(self) -> list[str]:
+        return self.call(self.engine.store.list)
+
+    def positions(self) -> dict[str, int]:
+        return self.call(lambda: {name: self.engine.store.position(name)
+                                  for name in self.engine.store.list()})
+
+    def _known(self, stream: str) -> None:
+        if stream not in self.engine.store:
+            raise CapsuleRosError(Code.UNKNOWN_STREAM, f"unknown stream {_short(stream)}; "
+                                  f"streams: {sorted(self.streams)}")
+
+    def _context_changed(self, stream: str) -> int:
+        """After a rollback, reset or load: the stream's position, also in its figures; context
+        already appended is appended again if it pairs with the next trigger."""
+        position = self.engine.store.position(stream)
+        self.figures.stream(stream).set_context(position)
+        self.streams[stream].last_context.clear()
+        return position
 
     def close(self) -> None:
-        """Shutdown: only flush what is queued (persisting runs off the query path), then give
-        up the capsule directories."""
+        """Shutdown: stop the worker after the query in hand, flush queued capsule writes
+        (persisting runs off the query path), then give up the capsule directories."""
+        self.stop()
         if self.persister is not None:
             self.persister.close()
-        if self._owner is not None:
-            self._owner.release()
-            self._owner = None
+        if self.owner is not None:
+            self.owner.release()
+            self.owner = None
 
     def _saved_dir(self) -> str:
         if self.dirs is None:
@@ -328,15 +208,33 @@ class Pipeline:
 
     def fork(self, source: str, new_stream: str) -> None:
         """A new stream from ``source``'s boundary, queried through ``~/query`` (no trigger)."""
-        self.engine.fork(source, new_stream)
-        self._adopt(new_stream, like=source)
+        def op() -> None:
+            self._known(source)
+            if new_stream in self.engine.store:
+                raise CapsuleError(f"stream {new_stream!r} exists already")
+            self.engine.fork(source, new_stream)
+            self._adopt(new_stream, like=source)
+        self.call(op)
 
     def _adopt(self, stream: str, like: str) -> None:
         """Register a stream that has no trigger input (forked or loaded) with ``like``'s head."""
         spec = self.config.streams[like]
-        self.config.streams[stream] = dataclasses.replace(spec, name=stream, trigger="", context=())
-        self.heads[stream] = self.heads[like]
-        self.streams[stream] = _StreamState()
+        self._register(dataclasses.replace(spec, name=stream, trigger="", context=()),
+                       self.heads[like])
+
+    def drop(self, stream: str) -> None:
+        """Forget a forked or loaded stream everywhere: store, queue, head, figures."""
+        def op() -> None:
+            self._known(stream)
+            spec = self.config.streams.get(stream)
+            if spec is not None and spec.trigger:
+                raise CapsuleError(f"{stream!r} is a configured stream; reset it instead")
+            self.engine.drop(stream)
+            self.scheduler.drop_stream(stream)
+            self.figures.drop(stream)
+            for registry in (self.config.streams, self.heads, self.streams):
+                registry.pop(stream, None)
+        self.call(op)
 
     # -- configure-time checks and warm-up ---------------------------------------------------
     def check_memory(self) -> None:
@@ -388,118 +286,183 @@ class Pipeline:
         return (f"model {model.model.config.model_type} ({params / 1e6:.1f} M params) from {src}; "
                 f"context {model.max_len}; encoder/head weights {weights}")
 
-    # -- the query path --------------------------------------------------------------------
-    def on_message(self, input_name: str, msg: Any, receive_ns: int, publish: Publish) -> None:
-        """Handle one message of ``input_name``; answers and failures go to ``publish``."""
-        fed = self.config.streams_fed_by(input_name)
-        triggered = [s.name for s, is_trigger in fed if is_trigger]
+    # -- serving ---------------------------------------------------------------------------
+    def start(self, publish: Publish, now_ns: Callable[[], int]) -> None:
+        """Serve in a worker thread: outcomes go to ``publish`` (from that thread)."""
+        self._sink = publish
+        self.scheduler._now_ns = now_ns
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the worker between queries (capsule verbs keep the stream's order)."""
+        return self.scheduler.call(fn)
+
+    def _emit(self, outcome: Outcome) -> None:
+        self._sink(outcome)
+
+    def _offline(self, publish: Publish | None) -> None:
+        """Without a worker thread, the caller runs what it queued (same order, same path)."""
+        if publish is not None:
+            self._sink = publish
+            self.scheduler.drain()
+
+    # -- handing on ------------------------------------------------------------------------
+    def on_message(self, input_name: str, msg: Any, receive_ns: int,
+                   publish: Publish | None = None) -> None:
+        """One message of ``input_name``: encode it, keep it as context, queue a job for every
+        stream it triggers. With ``publish`` (offline) the jobs run before this returns."""
+        if publish is not None:
+            self._sink = publish
+        stamp_ns, from_header = _stamp_of(msg, receive_ns)
+        triggered = self.triggered_by(input_name)
+        t0 = time.perf_counter()
         try:
             with torch.no_grad():
                 embeds = self.encoders[input_name].encode(msg)
-        except CapsuleRosError as e:
-            for stream in triggered or [s.name for s, _ in fed]:
-                self._fail(publish, Failure(stream, self._take_id(stream) if stream in triggered
-                                            else 0, e.code, e.text))
+        except Exception as e:  # one status per bad message, whatever it feeds
+            coded = isinstance(e, CapsuleRosError)
+            if not coded:  # an encoder bug, not a bad message: the node keeps serving
+                log.error("encoding %s failed:\n%s", input_name, traceback.format_exc())
+            for stream in triggered:
+                self.scheduler.refuse(stream, "rejected" if coded else "failed")
+                self.figures.stream(stream).record_error()
+            self._emit(Failure(triggered[0] if len(triggered) == 1 else "", 0,
+                               e.code if coded else Code.INTERNAL,
+                               e.text if coded else f"{input_name}: {type(e).__name__}: {e}"[:500],
+                               stamp_ns, input_name))
             return
-        for stream_spec, is_trigger in fed:
-            if not is_trigger:
-                self.streams[stream_spec.name].pending[input_name] = embeds
-        stamp_ns, from_header = _stamp_of(msg, receive_ns)
+        encode_ms = (time.perf_counter() - t0) * 1e3
+        self.context.add(input_name, stamp_ns, embeds)
         for stream in triggered:
             self.figures.stream(stream).record_message(receive_ns, stamp_ns if from_header else None)
-            self._run(stream, self._take_id(stream), embeds, input_name, stamp_ns, not from_header,
-                      publish)
+            self.scheduler.submit(Job(stream, stamp_ns, not from_header, input_name, embeds,
+                                      encode_ms))
+        if not triggered:
+            self.scheduler.wake()  # a job may have been waiting for this context
+        self._offline(publish)
 
-    def query(self, stream: str, request_id: int, extra: torch.Tensor | None, receive_ns: int,
-              publish: Publish) -> None:
-        """An explicit query (``~/query``): append pending context (and ``extra``), act."""
-        if stream not in self.streams:
-            publish(Failure(stream, request_id, Code.UNKNOWN_STREAM, f"unknown stream {stream!r}"))
+    def query(self, stream: str, request_id: int = 0, instruction: str = "", input_name: str = "",
+              stamp_ns: int = 0, receive_ns: int = 0, publish: Publish | None = None) -> None:
+        """An explicit query (``~/query``): the stream's context paired at ``stamp_ns`` (0: the
+        receive time), then the newest message of ``input_name`` and the ``instruction``."""
+        if publish is not None:
+            self._sink = publish
+        if not self.scheduler.has_stream(stream):
+            self._emit(Failure(stream, request_id, Code.UNKNOWN_STREAM, f"unknown stream "
+                               f"{_short(stream)}; streams: {sorted(self.streams)}",
+                               stamp_ns or receive_ns))
             return
-        request_id = request_id or self._take_id(stream)
-        self._run(stream, request_id, extra, "query", receive_ns, True, publish)
+        self.scheduler.submit(Job(stream, stamp_ns or receive_ns, stamp_ns == 0, input_name,
+                                  request_id=request_id, instruction=instruction, explicit=True))
+        self._offline(publish)
+
+    # -- the worker's side -----------------------------------------------------------------
+    def ready(self, job: Job) -> bool:
+        """Can the job's context be paired for good (see ``context.ContextCache.settled``)?"""
+        return all(self.context.settled(c, job.stamp_ns)
+                   for c in self.config.streams[job.stream].context)
+
+    def answer(self, job: Job, seq: int, dropped: int) -> list[Outcome]:
+        """The query path for one job, top to bottom; returns what to publish."""
+        stream = job.stream
+        state, spec = self.streams[stream], self.config.streams[stream]
+
+        # context paired by time, then what the query names, then the trigger: tensors
+        t0 = time.perf_counter()
+        parts, paired = [], {}
+        for c in spec.context:
+            item = self.context.at_or_before(c, job.stamp_ns)
+            if item is not None and item.number != state.last_context.get(c):
+                parts.append(item.embeds)
+                paired[c] = item.number
+        try:
+            parts += self._query_parts(job, paired)
+        except CapsuleRosError as e:
+            return self._failed(Failure(stream, job.request_id, e.code, e.text, job.stamp_ns))
+        if job.embeds is not None:
+            parts.append(job.embeds)
+        if not parts:
+            return self._failed(Failure(stream, job.request_id, Code.NO_OBSERVATION,
+                                        "nothing to append: no new context and no observation "
+                                        "(name an input or give an instruction)", job.stamp_ns))
+        request_id = job.request_id or self._take_id(stream)
+        encode_ms = job.encode_ms + (time.perf_counter() - t0) * 1e3
+
+        # restore -> append -> act -> commit
+        columns = tuple(spec.head.get("columns") or (f"a{i}" for i in range(spec.head.get("dof", 0))))
+        act = act_for(self.heads[stream], self.engine, self.codec, columns)
+        try:
+            result: QueryResult = self.engine.query(stream, torch.cat(parts), act=act.first,
+                                                    source=job.input or "query")
+            t1 = time.perf_counter()
+            output = act.finish(result.output)
+            decode_ms = (time.perf_counter() - t1) * 1e3
+            commit_ms = self.engine.commit()
+        except (CapsuleRosError, CapsuleError) as e:  # the stream keeps its previous boundary
+            self.engine.abort()
+            return self._failed(failure_from(stream, request_id, e, job.stamp_ns))
+        except BaseException:
+            self.engine.abort()  # and the scheduler's error boundary reports it
+            raise
+        state.last_context.update(paired)  # that context is in the committed boundary now
+
+        # outcome (the boundary is committed: persistence may write it off the query path)
+        if self.persister is not None:
+            self.persister.submit(stream, self.engine.boundary(stream))
+        position = self.engine.model.position
+        answer = Answer(stream, request_id, output, position, job.stamp_ns,
+                        job.stamp_is_receive_time, encode_ms, result.restore_ms,
+                        result.append_ms, result.act_ms + decode_ms, commit_ms, seq, dropped,
+                        result.events)
+        self.figures.stream(stream).record_answer(answer.restore_ms, answer.append_ms,
+                                                  answer.act_ms, commit_ms, position)
+        events = [Failure(stream, request_id, code, text, job.stamp_ns) for code, text in result.events]
+        return events + [answer]
+
+    def _query_parts(self, job: Job, paired: dict[str, int]) -> list[torch.Tensor]:
+        """What an explicit query adds: the newest message of its input, then its instruction."""
+        parts = []
+        if job.input and job.explicit:
+            if job.input not in self.encoders:
+                raise CapsuleRosError(Code.BAD_INPUT, f"unknown input {_short(job.input)}; "
+                                      f"inputs: {sorted(self.encoders)}")
+            item = self.context.at_or_before(job.input, job.stamp_ns)
+            if item is None:
+                raise CapsuleRosError(Code.NO_OBSERVATION, f"input {job.input!r} has no message "
+                                      f"stamped at or before the query")
+            if job.input not in paired:
+                parts.append(item.embeds)
+        if job.instruction:
+            if self.text_encoder is None:
+                raise CapsuleRosError(Code.BAD_INPUT, "no text input is configured for instructions")
+            with torch.no_grad():
+                parts.append(self.text_encoder.encode(SimpleNamespace(data=job.instruction)))
+        return parts
+
+    def _failed(self, failure: Failure) -> list[Outcome]:
+        self.figures.stream(failure.stream).record_error()
+        return [failure]
 
     def _take_id(self, stream: str) -> int:
         state = self.streams[stream]
         rid, state.next_request = state.next_request, state.next_request + 1
         return rid
 
-    def _run(self, stream: str, request_id: int, trigger: torch.Tensor | None, source: str,
-             stamp_ns: int, stamp_is_receive_time: bool, publish: Publish) -> None:
-        state = self.streams[stream]
-        spec = self.config.streams[stream]
-        parts = [state.pending[c] for c in spec.context if c in state.pending]
-        if trigger is not None:
-            parts.append(trigger)
-        if not parts:
-            self._fail(publish, Failure(stream, request_id, Code.NO_OBSERVATION, "nothing to append"))
-            return
-        embeds = torch.cat(parts)
-        act = self._act_for(stream)
-        try:
-            result: QueryResult = self.engine.query(stream, embeds, act=act.first, source=source)
-            t0 = time.perf_counter()
-            output = act.finish(result.output)
-            decode_ms = (time.perf_counter() - t0) * 1e3
-        except (CapsuleRosError, CapsuleError) as e:
-            self.engine.abort()  # the stream keeps its previous boundary
-            self._fail(publish, failure_from(stream, request_id, e))
-            return
-        state.pending.clear()  # the context went into this boundary
-        answer = Answer(stream, request_id, output, self.engine.model.position, stamp_ns,
-                        stamp_is_receive_time, result.restore_ms, result.append_ms,
-                        result.act_ms + decode_ms, state.last_commit_ms, result.events)
-        for code, text in result.events:
-            publish(Failure(stream, request_id, code, text))
-        publish(answer)
-        try:
-            state.last_commit_ms = self.engine.commit()
-        except CapsuleError as e:  # e.g. over every tier budget: the previous boundary stays
-            self.engine.abort()
-            self._fail(publish, failure_from(stream, request_id, e))
-            return
-        if self.persister is not None:
-            self.persister.submit(stream, self.engine.boundary(stream))
-        self.figures.stream(stream).record_answer(answer.restore_ms, answer.append_ms,
-                                                  answer.act_ms, state.last_commit_ms,
-                                                  self.engine.store.position(stream))
 
-    def _fail(self, publish: Publish, failure: Failure) -> None:
-        self.figures.stream(failure.stream).record_error()
-        publish(failure)
-
-    def _act_for(self, stream: str) -> _ContinuousAct | _TokenAct:
-        head = self.heads[stream]
-        if isinstance(head, TokenSampler):
-            return _TokenAct(head, self.engine, self.codec)
-        columns = self.config.streams[stream].head.get("columns") or [f"a{i}" for i in range(head.dof)]
-        return _ContinuousAct(head, tuple(columns))
-
-
-def set_threads(threads: int) -> int:
-    """torch's intra-op threads: ``threads``, or (0) every core but one, which is left to the ROS
-    executor and the I/O threads (on 2 cores the default of 2 competed with the executor)."""
-    n = threads or max(1, (os.cpu_count() or 2) - 1)
-    torch.set_num_threads(n)
-    return n
-
-
-def failure_from(stream: str, request_id: int, e: Exception) -> Failure:
+def failure_from(stream: str, request_id: int, e: Exception, stamp_ns: int = 0) -> Failure:
     """A coded failure from an engine or store error (store errors carry their own code)."""
     if isinstance(e, CapsuleRosError):
-        return Failure(stream, request_id, e.code, e.text)
-    return Failure(stream, request_id, capsule_code(getattr(e, "reason", "refused")), str(e))
+        return Failure(stream, request_id, e.code, e.text, stamp_ns)
+    return Failure(stream, request_id, capsule_code(getattr(e, "reason", "refused")), str(e),
+                   stamp_ns)
 
 
-def _configure_tiers(engine: Engine, caps: Any, files: TierFiles | None) -> None:
-    """Byte budgets per tier, when any is set (0 = unlimited); the file tier is the node's own
-    tier directory."""
-    mb = lambda v: int(v * 2**20) if v else None  # noqa: E731
-    if not (caps.device_budget_mb or caps.host_budget_mb or caps.file_budget_mb):
-        return
-    engine.configure_tiers(TierConfig(device_bytes=mb(caps.device_budget_mb),
-                                      host_bytes=mb(caps.host_budget_mb),
-                                      file_bytes=mb(caps.file_budget_mb)), files)
+def _short(name: str, limit: int = 64) -> str:
+    """A client-given name in a message: quoted, and cut (a 5,000-character name is a mistake)."""
+    return repr(name if len(name) <= limit else name[:limit] + "...")
 
 
 def _stamp_of(msg: Any, receive_ns: int) -> tuple[int, bool]:

@@ -14,7 +14,8 @@ import torch
 from capsule_ros.config import load_yaml
 from capsule_ros.models import HybridModel, ModelSpec
 from capsule_ros.runtime.engine import Engine
-from capsule_ros.runtime.pipeline import Answer, Pipeline
+from capsule_ros.runtime.build import build_pipeline
+from capsule_ros.runtime.outcome import Answer
 from capsule_ros.status_codes import CapsuleRosError
 
 pytestmark = pytest.mark.gpu
@@ -31,7 +32,7 @@ def test_pipeline_serves_the_demo_bag_with_no_capture_after_warm_up():
     from capsule_ros.offline import run_offline
     from capsule_ros.ros.bag_io import read_messages
     config = cuda_config()
-    pipeline = Pipeline.build(config)
+    pipeline = build_pipeline(config)
     model = pipeline.engine.model
     assert model.runner is not None, "the default config on CUDA runs graph-bound"
     info = model.warm_up(max_tokens=pipeline.engine.chunk_size)

@@ -1,0 +1,103 @@
+"""Wiring: a ``Pipeline`` from a ``NodeConfig`` (model, engine, encoders, heads, capsule files).
+
+Building lives apart from running (``pipeline.py``): this runs once, at configure.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ..capsule.files import clean_stale_temps
+from ..capsule.persist import Persister
+from ..capsule.places import CapsuleDirs
+from ..capsule.tiers import TierFiles
+from ..config import NodeConfig, resolve
+from ..models import HybridModel, ModelSpec
+from ..policy.encoders import build_encoder
+from ..policy.heads import build_head
+from ..policy.weights import load_policy_weights, policy_weights_path
+from .decode import Head
+from .engine import Engine
+from .pipeline import Pipeline
+from .tier_policy import TierConfig
+
+
+def build_pipeline(config: NodeConfig, node_name: str = "/capsule_node",
+                   ros_home: str | None = None) -> Pipeline:
+    """Everything from the config. ``node_name`` (fully qualified) names this node's own
+    capsule directories; a relative ``capsules.directory`` resolves against ``ros_home``
+    (default: $ROS_HOME, else ~/.ros)."""
+    m = config.model
+    set_threads(m.threads)
+    spec = ModelSpec(config_file=resolve(m.config_file) if not m.path else None,
+                     path=m.path or None, seed=m.seed, dtype=m.dtype, device=m.device,
+                     max_len=m.max_context)
+    model = HybridModel.load(spec)
+    if model.live.device.type == "cuda" and m.cuda_graphs:
+        model.enable_graphs()  # graph-bound execution: restores copy into captured buffers
+    caps = config.capsules
+    engine = Engine(model, history_depth=caps.history_depth,
+                    chunk_size=m.chunk_size, context_policy=caps.context_policy,
+                    rebase_window=caps.rebase_window, verify_every=caps.verify_every)
+    hidden = model.hidden_size
+    encoders = {name: build_encoder(name, dict(spec.encoder), hidden, m.seed,
+                                    token_embedding=model.token_embedding(),
+                                    tokenizer=model.tokenizer)
+                for name, spec in config.inputs.items()}
+    heads: dict[str, Head] = {}
+    for name, s in config.streams.items():
+        head_spec = dict(s.head)
+        head_spec["head"] = head_spec.pop("kind", "continuous")
+        heads[name] = build_head(head_spec, hidden, m.seed, name=f"head.{name}")
+    weights_file = m.policy_weights or (str(policy_weights_path(m.path)) if m.path else "")
+    modules = {f"encoders.{k}": v for k, v in encoders.items()}
+    # token samplers have no weights (they use the model's own LM head)
+    modules.update({f"head.{k}": v for k, v in heads.items() if isinstance(v, torch.nn.Module)})
+    loaded = load_policy_weights(modules, resolve(weights_file) if weights_file else None)
+    for module in modules.values():
+        # on the model's device: images are resized and projected there, not on the CPU
+        module.to(model.live.device).eval()
+    pipeline = Pipeline(config, engine, encoders, heads, loaded, tokenizer=model.tokenizer)
+    open_files(pipeline, node_name, ros_home)
+    return pipeline
+
+
+def open_files(pipeline: Pipeline, node_name: str, ros_home: str | None = None) -> None:
+    """Claim this node's capsule directories (refused while another live process owns them),
+    set up tier budgets, persistence and reload."""
+    caps, engine = pipeline.config.capsules, pipeline.engine
+    layout = engine.live.layout
+    if not caps.directory:
+        if caps.persist_on_commit or caps.reload_at_start:
+            raise ValueError("capsules.directory is required for persist_on_commit/reload_at_start")
+        configure_tiers(engine, caps, None)
+        return
+    pipeline.dirs = CapsuleDirs.of(caps.directory, node_name, ros_home)
+    pipeline.owner = pipeline.dirs.claim()
+    clean_stale_temps(pipeline.dirs.saved)
+    configure_tiers(engine, caps, TierFiles(pipeline.dirs.tiers, layout))
+    if caps.persist_on_commit or caps.reload_at_start:
+        pipeline.persister = Persister(pipeline.dirs.streams, layout)
+    if caps.reload_at_start:
+        pipeline.reload()
+
+
+def configure_tiers(engine: Engine, caps: Any, files: TierFiles | None) -> None:
+    """Byte budgets per tier, when any is set (0 = unlimited); the file tier is the node's own
+    tier directory."""
+    mb = lambda v: int(v * 2**20) if v else None  # noqa: E731
+    if not (caps.device_budget_mb or caps.host_budget_mb or caps.file_budget_mb):
+        return
+    engine.configure_tiers(TierConfig(device_bytes=mb(caps.device_budget_mb),
+                                      host_bytes=mb(caps.host_budget_mb),
+                                      file_bytes=mb(caps.file_budget_mb)), files)
+
+
+def set_threads(threads: int) -> int:
+    """torch's intra-op threads: ``threads``, or (0) every core but one, which is left to the ROS
+    executor and the I/O threads (on 2 cores the default of 2 competed with the executor)."""
+    n = threads or max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(n)
+    return n
