@@ -123,6 +123,16 @@ def test_a_slow_query_blocks_neither_the_executor_nor_other_services(rig, monkey
     acc = rig.accounting()
     assert acc["front"]["superseded"] == 2 and acc["front"]["answered"] == 2 and balanced(acc)
 
+    def front_in_diagnostics() -> dict:
+        for array in reversed(rig.diagnostics):
+            for status in array.status:
+                if status.name.endswith("stream front"):
+                    return {kv.key: kv.value for kv in status.values}
+        return {}
+    spin_until(rig.ex, lambda: front_in_diagnostics().get("answered") == "2", 30,
+               "the accounting in /diagnostics")
+    assert front_in_diagnostics()["superseded"] == "2" and front_in_diagnostics()["received"] == "4"
+
 
 @pytest.mark.parametrize("where", ["encode", "append", "act", "commit", "publish"])
 def test_a_fault_anywhere_costs_one_status_and_the_next_frame_is_answered(rig, monkeypatch, where):

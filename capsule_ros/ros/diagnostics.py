@@ -113,8 +113,11 @@ class Diagnostics:
     """Per-stream and node-level diagnostics of a (lifecycle) node. See the module docstring."""
 
     def __init__(self, node: Node, figures: Figures, hardware_id: str, period: float = 1.0,
-                 node_values: NodeValues = dict) -> None:
-        self.node, self.figures = node, figures
+                 node_values: NodeValues = dict,
+                 stream_extra: Callable[[str], Mapping[str, Any]] = lambda stream: {}) -> None:
+        """``stream_extra(stream)``: more values for a stream's status (e.g. the worker's
+        accounting), appended after the figures."""
+        self.node, self.figures, self.stream_extra = node, figures, stream_extra
         self.hardware_id, self.period, self.node_values = hardware_id, float(period), node_values
         self.backend: str | None = None     # "diagnostic_updater" | "builtin" while started
         self._updater: Any = None
@@ -174,7 +177,8 @@ class Diagnostics:
         if snap is None:  # dropped between the task list and this update
             return _fill(status, OK, "dropped", [])
         level, message = stream_level(snap)
-        return _fill(status, level, message, stream_values(snap))
+        extra = [(k, str(v)) for k, v in self.stream_extra(stream).items()]
+        return _fill(status, level, message, stream_values(snap) + extra)
 
     def _fill_node(self, status: DiagnosticStatus) -> DiagnosticStatus:
         return _fill(status, *node_summary(self.node_values))

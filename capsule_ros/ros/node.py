@@ -237,8 +237,10 @@ class CapsuleNode(LifecycleNode):
             self._pubs.append(self.trajectory_pub)
         self._service = self.create_service(CapsuleOp, "~/capsule", self._on_capsule_op,
                                             callback_group=self._services_group)
+        accounting = self.pipeline.scheduler.accounting
         self.diagnostics = Diagnostics(self, self.pipeline.figures, hardware_id="capsule_ros",
-                                       node_values=self._node_values)
+                                       node_values=self._node_values,
+                                       stream_extra=lambda stream: accounting().get(stream, {}))
         self.diagnostics.start()
 
     def _release(self) -> None:
