@@ -184,3 +184,32 @@ def test_good_input_after_rejections_still_answers(pipe):
     pipe.on_message("arr", NS(data=[0.1, 0.2, 0.3]), 0, out.append)
     assert len(out) == 1 and isinstance(out[0], Answer) and out[0].request_id > 2
     assert store_digest(pipe) != digest  # the digest does see a commit
+
+
+def test_a_query_instruction_goes_through_the_text_input_and_is_appended():
+    p = build_pipeline(from_params(params()))
+    out = []
+    p.on_message("arr", NS(data=[0.1, 0.2, 0.3]), 0, out.append)   # a first boundary on "state"
+    before = p.engine.store.position("state")
+    p.query("state", 5, instruction="grab", receive_ns=1, publish=out.append)
+    answer = out[-1]
+    assert isinstance(answer, Answer) and answer.request_id == 5
+    # "grab" is 4 bytes: the byte-level fallback makes 4 tokens, and nothing else was new
+    assert p.engine.store.position("state") == before + 4
+    p.query("state", 6, instruction="far too many tokens", receive_ns=2, publish=out.append)
+    assert (out[-1].request_id, out[-1].code) == (6, Code.BAD_SIZE)
+
+
+def test_a_forked_stream_is_queried_with_an_input_and_unknown_names_are_cut_short():
+    p = build_pipeline(from_params(params()))
+    out = []
+    p.on_message("arr", NS(data=[0.1, 0.2, 0.3]), 10, out.append)
+    p.fork("state", "what_if")
+    p.query("what_if", publish=out.append, receive_ns=20)
+    assert out[-1].code == Code.NO_OBSERVATION     # no trigger, no context: name an input
+    p.query("what_if", input_name="arr", receive_ns=20, publish=out.append)
+    assert isinstance(out[-1], Answer) and out[-1].stream == "what_if"
+    assert out[-1].position == p.engine.store.position("state") + 1  # the newest "arr" message
+    name = "x" * 5000
+    p.query(name, publish=out.append)
+    assert out[-1].code == Code.UNKNOWN_STREAM and len(out[-1].text) < 300
