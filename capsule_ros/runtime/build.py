@@ -5,6 +5,7 @@ Building lives apart from running (``pipeline.py``): this runs once, at configur
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ def build_pipeline(config: NodeConfig, node_name: str = "/capsule_node",
     (default: $ROS_HOME, else ~/.ros)."""
     m = config.model
     set_threads(m.threads)
+    persistent_compile_caches(ros_home)
     spec = ModelSpec(config_file=resolve(m.config_file) if not m.path else None,
                      path=m.path or None, seed=m.seed, dtype=m.dtype, device=m.device,
                      max_len=m.max_context)
@@ -101,3 +103,14 @@ def set_threads(threads: int) -> int:
     n = threads or max(1, (os.cpu_count() or 2) - 1)
     torch.set_num_threads(n)
     return n
+
+
+def persistent_compile_caches(ros_home: str | None = None) -> dict[str, str]:
+    """Triton and inductor keep what they compile under ``$ROS_HOME/capsule_ros/`` (unless the
+    environment names other places), so a restarted node does not compile again at configure:
+    inductor's default lives in /tmp, which a robot's reboot empties."""
+    root = Path(ros_home or os.environ.get("ROS_HOME") or Path.home() / ".ros") / "capsule_ros"
+    chosen = {}
+    for var, sub in (("TRITON_CACHE_DIR", "triton"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
+        chosen[var] = os.environ.setdefault(var, str(root / sub))
+    return chosen
