@@ -58,6 +58,12 @@ def test_jpeg_embeds_like_the_raw_image_of_its_decoded_pixels(enc, fmt):
     assert enc.encode(compressed(data, fmt)).shape == (6, HIDDEN)
 
 
+def test_jpeg_with_zero_padding_after_its_end_marker_is_accepted(enc):
+    data = encoded(picture(), "JPEG", quality=90)
+    reference = image(decoded_by_pillow(data), "rgb8")
+    assert torch.equal(enc.encode(compressed(data + bytes(7), "jpeg")), enc.encode(reference))
+
+
 def test_jpeg_colour_order_is_rgb(enc):
     red = np.zeros((H, W, 3), np.uint8)
     red[..., 0] = 255
@@ -155,6 +161,8 @@ def test_corrupt_payloads(enc):
     rejects(Code.BAD_INPUT, enc, compressed(jpeg[:40], "jpeg"))                # truncated header
     rejects(Code.BAD_INPUT, enc, compressed(png[: len(png) // 2], "png"))
     rejects(Code.BAD_INPUT, enc, compressed(jpeg[:3] + bytes(200), "jpeg"))    # signature, then zeros
+    # no end-of-image marker: refused on every device (nvjpeg would decode it silently)
+    rejects(Code.BAD_INPUT, enc, compressed(jpeg[:-2], "jpeg"))
     bad_crc = bytearray(png)
     bad_crc[29] ^= 0xFF                                                       # IHDR checksum
     rejects(Code.BAD_INPUT, enc, compressed(bytes(bad_crc), "png"))

@@ -10,7 +10,7 @@ The image encoder calls ``decode_compressed`` when a message has ``format`` inst
      ``expect_size`` or more than ``MAX_PIXELS`` pixels is BAD_SIZE.
   3. Decode: Pillow (libjpeg-turbo, libpng) on CPU; on a CUDA device, JPEGs go through nvjpeg
      (``torchvision.io.decode_jpeg``) when torchvision imports there. Corrupt or truncated data
-     is BAD_INPUT. (JPEG has no checksum: damage inside the entropy-coded data decodes to wrong
+     is BAD_INPUT, and so is a JPEG without its end-of-image marker. (JPEG has no checksum: damage inside the entropy-coded data decodes to wrong
      pixels, as it does in every decoder.)
 Colour: JPEG/PNG decoders return true RGB whatever order the publisher held in memory (the
 ``bgr8`` in image_transport's format is OpenCV's buffer order before encoding, not the file's),
@@ -33,6 +33,7 @@ from capsule_ros.status_codes import CapsuleRosError, Code
 
 MAX_PIXELS = 8192 * 8192  # a compressed payload is not bounded by its size: a 1 KB PNG can claim 1e10 px
 _SIGNATURES = {"jpeg": b"\xff\xd8\xff", "png": b"\x89PNG\r\n\x1a\n"}
+_JPEG_EOI = b"\xff\xd9"
 _PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG"}
 # Pillow pixel mode -> (the raw encoding it stands for, the mode to convert to first, if any)
 _MODES: dict[str, tuple[str, str | None]] = {
@@ -74,6 +75,11 @@ def _open(data: np.ndarray, codec: str, what: str) -> Image.Image:
         raise CapsuleRosError(Code.BAD_SIZE, f"{what}: empty {codec} payload")
     if not data[: len(_SIGNATURES[codec])].tobytes() == _SIGNATURES[codec]:
         raise CapsuleRosError(Code.BAD_ENCODING, f"{what}: format says {codec} but the data is not {codec}")
+    # nvjpeg decodes a truncated JPEG without a word (measured, torchvision 0.26): require the
+    # end-of-image marker on every device. FF D9 cannot occur inside entropy-coded data (an FF
+    # there is always followed by 00 or a restart marker), so this finds truncation exactly.
+    if codec == "jpeg" and not data.tobytes().rstrip(b"\x00").endswith(_JPEG_EOI):
+        raise CapsuleRosError(Code.BAD_INPUT, f"{what}: truncated jpeg (no end-of-image marker)")
     try:
         with warnings.catch_warnings():  # our MAX_PIXELS check replaces Pillow's bomb warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
