@@ -702,17 +702,24 @@ class Replayer:
         return out
 
     def _caught_up(self, baseline: dict) -> bool:
-        """The node has nothing pending and every answer it counted since the start has
-        arrived here."""
+        """The node has nothing pending, has received every trigger published for its streams
+        (or every one of them is settled here), and every answer it counted since the start
+        has arrived here."""
         acc = self._accounting_of(self._stats(timeout=min(5.0, self.options.answer_timeout)))
-        if acc is None:
-            return False
-        if any(v['pending'] for v in acc.values()):
+        if acc is None or any(v['pending'] for v in acc.values()):
             return False
         delta = self._accounting_delta(baseline, acc)
         with self._lock:
             got = Counter(s for s, _ in self._ans.elements())
-        return all(got[s] >= row['answered'] for s, row in delta.items())
+            published = Counter()
+            for (s, _), n in self._need.items():
+                published[s] += n
+        if not all(got[s] >= row['answered'] for s, row in delta.items()):
+            return False
+        # a trigger still on its way would be counted later: wait for it (lost ones: timeout)
+        expected = self._expected_generic
+        return (all(delta.get(s, {}).get('received', 0) >= n for s, n in published.items())
+                or all(self._settled(t, expected) for t in self._all_triggers))
 
     # ---------------------------------------------------------------- run
     def _publish(self, m: bag_io.BagMessage, result: ReplayResult) -> None:
@@ -823,12 +830,10 @@ class Replayer:
                             self.executor.spin_once(timeout_sec=remaining)
         if t_last is not None:
             result.bag_duration_s = (t_last - self._t_first) / 1e9
-        # the end: every trigger settled, or the node says all it counted has arrived here
+        # the end: the node says all it counted has arrived here (or, not asked: every trigger
+        # settled -- timed mode; lockstep settled each one already)
         deadline = time.monotonic() + o.answer_timeout
-        pending = list(self._all_triggers)
         expected = self._expected_generic
-        if o.mode == 'timed':
-            self._spin_until(lambda: all(self._settled(t, expected) for t in pending), deadline)
         if baseline is not None:
             next_poll = 0.0
             caught = [False]
@@ -842,6 +847,9 @@ class Replayer:
             self._spin_until(caught_up, deadline)
             result.accounting = self._accounting_delta(
                 baseline, self._accounting_of(self._stats(timeout=5.0)) or {})
+        elif o.mode == 'timed':
+            self._spin_until(lambda: all(self._settled(t, expected) for t in self._all_triggers),
+                             deadline)
         if o.drain > 0:
             end = time.monotonic() + o.drain
             while (remaining := end - time.monotonic()) > 0:
