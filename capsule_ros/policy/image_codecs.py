@@ -118,6 +118,8 @@ def decode_compressed(msg_format: str, data: np.ndarray, allowed: tuple[str, ...
         if nvjpeg is not None:
             return encoding, _decode_on_gpu(nvjpeg, data, img.mode, device)
         img.load()
+    except torch.cuda.OutOfMemoryError:  # the device's fault, not the message's: not BAD_INPUT
+        raise
     except Exception as e:  # truncated / corrupt entropy-coded data
         raise CapsuleRosError(Code.BAD_INPUT, f"{what}: corrupt {codec} data ({e})") from None
     if convert_to is not None:
