@@ -23,7 +23,7 @@ from sensor_msgs.msg import Image  # noqa: E402
 
 from bagutil import BEST_EFFORT, demo_items, rosout_raw, tf_raw, write_bag  # noqa: E402
 from capsule_ros.config import load_yaml  # noqa: E402
-from capsule_ros.msg import ActionChunk  # noqa: E402
+from capsule_ros.msg import ActionChunk, Status  # noqa: E402
 from capsule_ros.offline import run_offline  # noqa: E402
 from capsule_ros.ros import bag_io  # noqa: E402
 from capsule_ros.ros.launch_args import node_arguments  # noqa: E402
@@ -34,26 +34,36 @@ FRONT, WRIST, JOINTS = '/front_cam/image_raw', '/wrist_cam/image_raw', '/joint_s
 pytestmark = [pytest.mark.ros, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-@pytest.fixture(scope='module')
-def node_env(tmp_path_factory, default_params):
-    """The node (capsule_ros.ros.main, autostart) in its own process and ROS domain."""
-    tmp = tmp_path_factory.mktemp('node')
+def start_node(tmp, params):
+    """The node (capsule_ros.ros.main, autostart) in its own process and ROS domain; returns
+    (process, env, log path, log file)."""
     env = dict(os.environ, **NODE_PROCESS_ENV, ROS_DOMAIN_ID=str(unique_domain()),
                ROS_HOME=str(tmp / 'ros_home'), ROS_LOG_DIR=str(tmp / 'ros_log'))
-    log = open(tmp / 'node.log', 'wb')  # noqa: SIM115 - closed below
-    args = node_arguments(params_file=str(default_params)).cli_args()
+    log = open(tmp / 'node.log', 'wb')  # noqa: SIM115 - closed by stop_node
+    args = node_arguments(params_file=str(params)).cli_args()
     proc = subprocess.Popen([sys.executable, '-P', '-m', 'capsule_ros.ros.main', *args],
                             env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
+    return proc, env, tmp / 'node.log', log
+
+
+def stop_node(proc, log) -> None:
     try:
-        yield env, tmp / 'node.log'
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope='module')
+def node_env(tmp_path_factory, default_params):
+    """The node with the default parameters, shared by the tests of this module."""
+    proc, env, path, log = start_node(tmp_path_factory.mktemp('node'), default_params)
+    try:
+        yield env, path
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
-        log.close()
+        stop_node(proc, log)
 
 
 def replay_cli(env, log, *args: str) -> subprocess.CompletedProcess:
@@ -165,3 +175,45 @@ def test_timed_replay_reports_what_the_node_counted(node_env, tmp_path, default_
         assert received <= triggers          # best effort may lose some on the way, never add
     assert 'does not add up' not in text
     assert r.returncode == (0 if all(u == 0 for _, _, u in mine.values()) else 2), text
+
+
+def test_lockstep_across_rebases_equals_offline(tmp_path, default_params, one_torch_thread):
+    """A context small enough that the streams rebase: the CONTEXT_REBASED statuses settle
+    nothing away -- every trigger still gets its answer, equal to the offline run's."""
+    import yaml
+    doc = yaml.safe_load(default_params.read_text())
+    params = doc['/**/capsule_node']['ros__parameters']
+    params['model']['max_context'] = 128
+    params['capsules']['context_policy'] = 'rebase'
+    params_file = tmp_path / 'small_context.yaml'
+    params_file.write_text(yaml.safe_dump(doc))
+    node_dir = tmp_path / 'node'
+    node_dir.mkdir()
+    proc, env, log, log_file = start_node(node_dir, params_file)
+    try:
+        bag = write_bag(tmp_path / 'bag', demo_items(),
+                        offers={t: [BEST_EFFORT] for t in (FRONT, WRIST, JOINTS)})
+        out = tmp_path / 'answers'
+        r = replay_cli(env, log, str(bag), '--mode', 'lockstep', '--params', str(params_file),
+                       '--record', str(out))
+    finally:
+        stop_node(proc, log_file)
+    text = r.stdout + r.stderr
+    assert r.returncode == 0, f'{text}\nnode log:\n{log.read_text()[-3000:]}'
+    recorded = list(bag_io.read_messages(out))
+    chunks = [deserialize_message(m.rawdata, ActionChunk) for m in recorded
+              if m.topic == '/capsule_node/actions']
+    statuses = [m for m in recorded if m.topic == '/capsule_node/status']
+    offline = run_offline(load_yaml(params_file), bag)
+    answers = [o for o in offline if isinstance(o, Answer)]
+    rebased = [o for o in offline if not isinstance(o, Answer)]
+    assert rebased, 'the context is not small enough to rebase: the test checks nothing'
+    assert {int(f.code) for f in rebased} == {Status.CONTEXT_REBASED}
+    assert sorted((m.msg.stream, m.msg.code) for m in statuses) == \
+        sorted((f.stream, int(f.code)) for f in rebased)
+    assert len(chunks) == len(answers) == 40
+    for chunk, answer in zip(sorted(chunks, key=lambda c: (c.stream, c.seq)),
+                             sorted(answers, key=lambda a: (a.stream, a.seq))):
+        assert (chunk.stream, chunk.request_id, chunk.boundary) == \
+               (answer.stream, answer.request_id, answer.position)
+        np.testing.assert_array_equal(np.array(chunk.values, np.float32), answer.actions.ravel())
