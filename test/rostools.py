@@ -372,9 +372,16 @@ class Feeder:
 
     Publishes the bag's messages like a camera driver does -- best effort, keep-last (the
     sensor-data profile) -- and counts what the node publishes on ``answers`` (reliable
-    subscriptions). ``feed`` is lockstep: after each trigger it waits until the node's answer
-    count has grown by one, so every check is on counters. Matched events (cumulative counts)
-    tell when a respawned node's readers and writers have matched ours.
+    subscriptions). ``feed`` is lockstep: after each trigger it waits until an answer stamped
+    with that trigger's stamp has arrived (answers carry the trigger's header stamp), so every
+    check is on counters. Matched events (cumulative counts) tell when a respawned node's readers
+    and writers have matched ours.
+
+    Best effort has no retransmission, and discovery is not symmetric: our writer may see the
+    node's reader matched a moment before that reader accepts our writer's samples, so a first
+    sample can be dropped. Like a camera that keeps streaming, ``feed`` publishes a trigger again
+    (same bytes, same stamp) when no answer came after ``resend_after`` seconds; ``resent``
+    counts those, and answers are matched to triggers by stamp, so counts stay exact.
     """
 
     def __init__(self, cli: RosCli, bag: Path, answers: dict[str, str],
@@ -406,6 +413,8 @@ class Feeder:
             cb = PublisherEventCallbacks(matched=functools.partial(self._set, self.pub_matched, topic))
             self.pubs[topic] = self.node.create_publisher(cls, topic, qos_profile_sensor_data,
                                                           event_callbacks=cb)
+        self.resent = 0
+        self.sent_stamps: list[tuple[int, int]] = []   # of the triggers fed, in order
         self.received: dict[str, list[Any]] = {t: [] for t in answers}
         reliable = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
         self.subs = []
@@ -418,6 +427,15 @@ class Feeder:
     @staticmethod
     def _set(store: dict, topic: str, info: Any) -> None:
         store[topic] = info
+
+    @staticmethod
+    def stamp_of(msg: Any) -> tuple[int, int]:
+        return (msg.header.stamp.sec, msg.header.stamp.nanosec)
+
+    def answered(self, topic: str, stamps: list[tuple[int, int]] | None = None) -> set:
+        """Distinct trigger stamps (all fed ones by default) that have an answer on ``topic``."""
+        want = set(self.sent_stamps if stamps is None else stamps)
+        return {self.stamp_of(m) for m in self.received[topic]} & want
 
     def close(self) -> None:
         self.executor.shutdown(timeout_sec=1.0)
@@ -462,24 +480,25 @@ class Feeder:
                         detail=lambda: f"matched: {self.matched_totals()} (since {since})"
                                        + (f"\n{detail()}" if detail else ""))
 
-    # -- feeding ----------------------------------------------------------------------------
-    def _publish(self, topic: str, raw: bytes, restamp: bool) -> None:
+    # -- feeding ---------------------------------------------------------------------------
+    def _publish(self, topic: str, raw: bytes, restamp: bool) -> tuple[bytes, tuple[int, int]]:
+        """Publish one bag message; returns the bytes sent and their header stamp."""
+        from rclpy.serialization import deserialize_message, serialize_message
+        msg = deserialize_message(raw, self.classes[topic])
         if restamp:
             # a live driver stamps with "now": keeps actuation's max-age guard meaningful
-            from rclpy.serialization import deserialize_message
-            msg = deserialize_message(raw, self.classes[topic])
             msg.header.stamp = self.node.get_clock().now().to_msg()
-            self.pubs[topic].publish(msg)
-        else:
-            self.pubs[topic].publish(raw)   # the bag's CDR bytes unchanged
+            raw = serialize_message(msg)
+        self.pubs[topic].publish(raw)   # CDR bytes, as the bag (or the driver) has them
         self.published[topic] += 1
+        return raw, self.stamp_of(msg)
 
     def feed(self, answer_topic: str, triggers: int | None = None, restamp: bool = True,
              only: tuple[str, ...] | None = None, timeout: float = 120.0,
-             detail: Callable[[], str] | None = None) -> int:
+             resend_after: float = 10.0, detail: Callable[[], str] | None = None) -> int:
         """Publish the bag from the cursor, in order, until ``triggers`` trigger messages (None:
-        to the end of the bag) have been sent, waiting after each trigger for one more message
-        on ``answer_topic``. ``only``: triggers to send (others skipped, context still sent).
+        to the end of the bag) have been sent, waiting after each trigger for its answer on
+        ``answer_topic``. ``only``: triggers to send (others skipped, context still sent).
         With ``restamp`` the bag wraps around. Returns the number of triggers sent."""
         only = only or self.triggers
         sent = 0
@@ -492,12 +511,34 @@ class Feeder:
             self.cursor += 1
             if topic in self.triggers and topic not in only:
                 continue
-            want = self.count(answer_topic) + 1
-            self._publish(topic, raw, restamp)
-            if topic in self.triggers:
-                sent += 1
-                self.spin_until(lambda: self.count(answer_topic) >= want, timeout,
-                                f"answer {want} on {answer_topic} (after {topic})", detail=detail)
-            else:
+            raw, stamp = self._publish(topic, raw, restamp)
+            if topic not in self.triggers:
                 self.executor.spin_once(timeout_sec=0.0)
+                continue
+            sent += 1
+            self.sent_stamps.append(stamp)
+            self._await_answer(answer_topic, topic, raw, stamp, timeout, resend_after, detail)
         return sent
+
+    def _await_answer(self, answer_topic: str, topic: str, raw: bytes, stamp: tuple[int, int],
+                      timeout: float, resend_after: float,
+                      detail: Callable[[], str] | None) -> None:
+        deadline = time.monotonic() + timeout
+        resend_at = time.monotonic() + resend_after
+        seen = len(self.received[answer_topic])
+        while True:
+            # only the answers that arrived since the last look need checking
+            if any(self.stamp_of(m) == stamp for m in self.received[answer_topic][seen:]):
+                return
+            seen = len(self.received[answer_topic])
+            now = time.monotonic()
+            if now > deadline:
+                extra = f"\n{detail()}" if detail is not None else ""
+                raise AssertionError(f"timed out after {timeout} s waiting for the answer to "
+                                     f"{topic} stamped {stamp} on {answer_topic} "
+                                     f"(resent {self.resent} times in all){extra}")
+            if now > resend_at:
+                self.pubs[topic].publish(raw)
+                self.resent += 1
+                resend_at = now + resend_after
+            self.executor.spin_once(timeout_sec=0.05)
