@@ -305,6 +305,29 @@ class RosCli:
                  interval=0.5, detail=lambda: str(holder[-1]) if holder else "")
         return holder[-1]
 
+    # -- the node on its own, as `ros2 run` starts it ----------------------------------------
+    def node_env_without_tools(self) -> dict[str, str]:
+        """This test's environment minus the tools overlay and the archive's diagnostic_updater:
+        what a robot's node has when the tools are not installed."""
+        env = dict(self.env)
+        tools = env.get("CAPSULE_ROS_TOOLS", str(REPO / ".tools"))
+        for var in ("PATH", "PYTHONPATH", "AMENT_PREFIX_PATH", "LD_LIBRARY_PATH"):
+            kept = [p for p in env.get(var, "").split(os.pathsep) if p and not p.startswith(tools)]
+            env[var] = os.pathsep.join(kept)
+        for var in ("CAPSULE_ROS_TOOLS", "CAPSULE_DIAGNOSTICS_PATH"):
+            env.pop(var, None)
+        return env
+
+    def run_node(self, cli_args: list[str], without_tools: bool = True) -> Proc:
+        """The installed ``capsule_node`` executable with ``cli_args`` (``NodeArgs.cli_args()``)."""
+        root = Path(self.env.get("CAPSULE_ROS_ROOT", str(REPO)))
+        exe = root / "install" / PACKAGE / "lib" / PACKAGE / NODE_NAME
+        env = self.node_env_without_tools() if without_tools else self.env
+        proc = Proc([str(exe), *cli_args], env, self.workdir / f"node_{len(self.procs)}.log",
+                    self.workdir)
+        self.procs.append(proc)
+        return proc
+
     # -- lifecycle --------------------------------------------------------------------------
     @staticmethod
     def _state(r: Result) -> str | None:

@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from capsule_ros.ros.launch_args import node_arguments
 from rostools import Feeder, Proc, RosCli, wait_for
 
 pytestmark = [pytest.mark.ros, pytest.mark.cli, pytest.mark.timeout(600)]
@@ -302,3 +305,23 @@ def test_ctrl_c_while_configuring_exits_clean(ros_cli, tmp_path, default_params)
              or not proc.running(), 300, "the node's first log line", interval=0.05,
              detail=detail(proc))
     interrupt_and_check_clean_exit(proc)
+
+
+def test_node_alone_needs_no_tools_autostarts_and_exits_0_on_sigint(ros_cli, tmp_path,
+                                                                    default_params):
+    """`ros2 run`'s equivalent: the installed executable with node_arguments' command line and
+    none of the tools overlay or the archive's diagnostic_updater on its paths (a robot without
+    ros2launch): autostart brings it to active; SIGINT to the process, exit status 0."""
+    args = node_arguments(params_file=str(params_file(tmp_path, default_params)),
+                          namespace=ros_cli.namespace)
+    bare = ros_cli.node_env_without_tools()
+    for module in ("launch_ros", "ros2cli", "diagnostic_updater"):   # really not there
+        probe = subprocess.run([sys.executable, "-c", f"import {module}"], env=bare,
+                               capture_output=True, timeout=60)
+        assert b"No module named" in probe.stderr, f"{module} importable without the overlay"
+    proc = ros_cli.run_node(args.cli_args())
+    ros_cli.wait_state("active", proc=proc)
+    proc.signal_group(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0, proc.text()[-5000:]
+    errors = [line for line in proc.text().splitlines() if ERROR_LINE.search(line)]
+    assert errors == [], "\n".join(errors)
