@@ -34,6 +34,7 @@ import itertools
 import json
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -146,46 +147,109 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.view(torch.uint8).numpy().data).hexdigest()
 
 
-def _host_kv(capsule: Capsule) -> dict[str, torch.Tensor]:
-    """The valid KV rows of each region as one contiguous CPU tensor (no device-side concat)."""
-    if not capsule.kv:
-        return {}
-    out: dict[str, torch.Tensor] = {}
-    for key in capsule.kv[0].rows:
-        first = capsule.kv[0].rows[key]
-        dst = torch.empty((capsule.position, *first.shape[1:]), dtype=first.dtype)
-        for seg in capsule.kv:
-            dst[seg.start:seg.stop].copy_(seg.rows[key])
-        out[key] = dst
-    return out
+# torch dtype -> safetensors dtype code (the file format's own names)
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+              torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+              torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
-def _cpu(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    return (t.cpu() if t.device.type != "cpu" else t).contiguous()
+def _buffer(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (keeps the tensor alive)."""
+    flat = t.reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+@dataclass(frozen=True)
+class FileTensor:
+    """One tensor of a capsule file: dtype, shape and its bytes as CPU buffers in file order
+    (a KV region is its segments one after another: no compacting copy)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    chunks: tuple[torch.Tensor, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.numel() * c.element_size() for c in self.chunks)
+
+    def buffers(self) -> list[memoryview]:
+        return [_buffer(c) for c in self.chunks]
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        for b in self.buffers():
+            h.update(b)   # hashlib releases the GIL on buffers of 2 KiB and more
+        return h.hexdigest()
+
+    def tensor(self) -> torch.Tensor:
+        """The tensor itself (one contiguous CPU tensor; a copy when it has several chunks)."""
+        if len(self.chunks) == 1:
+            return self.chunks[0].reshape(self.shape)
+        return torch.cat([c.reshape(-1) for c in self.chunks]).reshape(self.shape)
+
+
+def _to_host(tensors: list[torch.Tensor], ready: Any = None) -> list[torch.Tensor]:
+    """Contiguous CPU versions of ``tensors``: CPU ones as they are (capsules are immutable, so
+    no copy), device ones copied. With ``ready`` (a CUDA event recorded after the capsule was
+    made) the copies run on a side stream that waits only for that event, so they never queue
+    behind, or ahead of, the query path's kernels."""
+    out = [t.detach().contiguous() if t.device.type == "cpu" else None for t in tensors]
+    dev = [i for i, t in enumerate(tensors) if out[i] is None]
+    if not dev:
+        return out  # type: ignore[return-value]
+    if ready is None:
+        for i in dev:
+            out[i] = tensors[i].detach().cpu().contiguous()
+        return out  # type: ignore[return-value]
+    stream = torch.cuda.Stream(device=tensors[dev[0]].device)
+    with torch.cuda.stream(stream):
+        stream.wait_event(ready)
+        for i in dev:
+            src = tensors[i].detach()
+            dst = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+            dst.copy_(src, non_blocking=True)
+            out[i] = dst
+    stream.synchronize()   # the writer waits here, not the worker
+    return out  # type: ignore[return-value]
+
+
+def capsule_file_tensors(capsule: Capsule, ready: Any = None) -> dict[str, FileTensor]:
+    """Every tensor of a capsule as it goes into a file, by file key, as CPU buffers."""
+    flat: list[torch.Tensor] = []
+    plan: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []   # key, dtype, shape, #chunks
+    if capsule.kv:
+        segs = sorted(capsule.kv, key=lambda s: s.start)
+        covered = sum(s.stop - s.start for s in segs)
+        if segs[0].start != 0 or covered != capsule.position or any(
+                a.stop != b.start for a, b in zip(segs, segs[1:])):
+            raise CapsuleFileError(f"capsule KV segments do not cover [0, {capsule.position})")
+        for key in segs[0].rows:
+            first = segs[0].rows[key]
+            plan.append((key, first.dtype, (capsule.position, *first.shape[1:]), len(segs)))
+            flat += [s.rows[key] for s in segs]
+    for key, t in capsule.state.items():
+        plan.append((key, t.dtype, tuple(t.shape), 1))
+        flat.append(t)
+    for key, t in capsule.meta_tensors.items():
+        plan.append((f"meta.{key}", t.dtype, tuple(t.shape), 1))
+        flat.append(t)
+    for i, entry in enumerate(capsule.journal):
+        plan.append((f"journal.{i}", entry.embeds.dtype, tuple(entry.embeds.shape), 1))
+        flat.append(entry.embeds)
+    host = iter(_to_host(flat, ready))
+    return {key: FileTensor(dtype, shape, tuple(next(host) for _ in range(n)))
+            for key, dtype, shape, n in plan}
 
 
 def capsule_tensors(capsule: Capsule) -> dict[str, torch.Tensor]:
     """Every tensor of a capsule as it goes into a file (CPU, contiguous)."""
-    tensors: dict[str, torch.Tensor] = {}
-    tensors.update(_host_kv(capsule))
-    for key, t in capsule.state.items():
-        tensors[key] = _cpu(t)
-    for key, t in capsule.meta_tensors.items():
-        tensors[f"meta.{key}"] = _cpu(t)
-    for i, entry in enumerate(capsule.journal):
-        tensors[f"journal.{i}"] = _cpu(entry.embeds)
-    # safetensors refuses tensors sharing storage; give each its own where they do.
-    seen: set[int] = set()
-    for k, t in tensors.items():
-        ptr = t.untyped_storage().data_ptr()
-        if t.numel() and ptr in seen:
-            tensors[k] = t.clone()
-        seen.add(ptr)
-    return tensors
+    return {k: ft.tensor() for k, ft in capsule_file_tensors(capsule).items()}
 
 
-def _header(capsule: Capsule, layout: StateLayout, tensors: Mapping[str, torch.Tensor]) -> str:
+def _header(capsule: Capsule, layout: StateLayout, tensors: Mapping[str, FileTensor]) -> str:
     try:
         meta = json.loads(json.dumps(dict(capsule.meta)))
     except (TypeError, ValueError) as e:
@@ -200,19 +264,79 @@ def _header(capsule: Capsule, layout: StateLayout, tensors: Mapping[str, torch.T
         "meta_tensors": sorted(capsule.meta_tensors),
         "journal": [{"source": e.source} for e in capsule.journal],
         "tensors": {k: {"dtype": dtype_name(t.dtype), "shape": list(t.shape),
-                        "sha256": tensor_sha256(t)} for k, t in sorted(tensors.items())},
+                        "sha256": t.sha256()} for k, t in sorted(tensors.items())},
     }
     return json.dumps(header)  # key order kept: meta round-trips in its own order
 
 
+class Payload:
+    """A file's bytes as buffers written one after another (the tensors' own memory: no joined
+    copy). ``len`` and slicing behave like ``bytes``."""
+
+    def __init__(self, parts: list[memoryview]) -> None:
+        self.parts = [p for p in parts if len(p)]
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def __getitem__(self, s: slice) -> "Payload":
+        if not isinstance(s, slice) or s.step not in (None, 1):
+            raise TypeError("a Payload is sliced by a contiguous range only")
+        start, stop, _ = s.indices(len(self))
+        out, at = [], 0
+        for p in self.parts:
+            lo, hi = max(start - at, 0), min(stop - at, len(p))
+            if lo < hi:
+                out.append(p[lo:hi])
+            at += len(p)
+        return Payload(out)
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def encode_parts(capsule: Capsule, layout: StateLayout, ready: Any = None) -> Payload:
+    """The bytes of a capsule file: a safetensors file (8-byte header length, JSON header with
+    the capsule header in ``__metadata__``, tensor data) built over the tensors' own buffers.
+    The heavy work (device copies, sha256, later the writes) runs outside the interpreter lock."""
+    if capsule.fingerprint.layout != layout.digest():
+        raise CapsuleFileError(f"capsule was made for another layout "
+                               f"({capsule.fingerprint.layout} != {layout.digest()})")
+    tensors = capsule_file_tensors(capsule, ready)
+    header = _header(capsule, layout, tensors)
+    entries: dict[str, Any] = {"__metadata__": {
+        HEADER_KEY: header, HEADER_SHA_KEY: hashlib.sha256(header.encode()).hexdigest()}}
+    # as safetensors orders them: wider dtypes first, so every tensor is aligned in the file
+    order = sorted(tensors, key=lambda k: (-tensors[k].chunks[0].element_size(), k))
+    offset, parts = 0, []
+    for key in order:
+        t = tensors[key]
+        code = _ST_DTYPES.get(t.dtype)
+        if code is None:
+            raise CapsuleFileError(f"tensor {key!r} has dtype {t.dtype}, which a capsule file cannot hold")
+        entries[key] = {"dtype": code, "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+        parts += t.buffers()
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)   # payload 8-byte aligned, as safetensors writes it
+    return Payload([memoryview(struct.pack("<Q", len(text)) + text), *parts])
+
+
+def encode_capsule(capsule: Capsule, layout: StateLayout) -> bytes:
+    """The bytes of a capsule file (safetensors with the capsule header)."""
+    return bytes(encode_parts(capsule, layout))
+
+
 # -- save ----------------------------------------------------------------------------------
-def _write_tmp(tmp: Path, data: bytes) -> None:
+def _write_tmp(tmp: Path, data: Payload | bytes) -> None:
     # O_EXCL: a temp name is one writer's; never truncate someone else's file
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        for part in (data.parts if isinstance(data, Payload) else [memoryview(data)]):
+            view = part
+            while view:
+                view = view[os.write(fd, view):]   # releases the GIL for the copy into the kernel
     finally:
         os.close(fd)
 
@@ -237,28 +361,17 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def encode_capsule(capsule: Capsule, layout: StateLayout) -> bytes:
-    """The bytes of a capsule file (safetensors with the capsule header)."""
-    from safetensors.torch import save
-
-    if capsule.fingerprint.layout != layout.digest():
-        raise CapsuleFileError(f"capsule was made for another layout "
-                               f"({capsule.fingerprint.layout} != {layout.digest()})")
-    tensors = capsule_tensors(capsule)
-    header = _header(capsule, layout, tensors)
-    metadata = {HEADER_KEY: header, HEADER_SHA_KEY: hashlib.sha256(header.encode()).hexdigest()}
-    return save(tensors, metadata=metadata)
-
-
 def save_capsule(capsule: Capsule, directory: str | os.PathLike, name: str,
-                 layout: StateLayout) -> Path:
+                 layout: StateLayout, *, ready: Any = None) -> Path:
     """Write ``capsule`` as ``directory/<name>.capsule.safetensors`` atomically; return the path.
+    ``ready``: a CUDA event recorded once the capsule's device tensors were written (the
+    persister's), letting the device-to-host copies run on a side stream.
 
     A failure raises ``CapsuleWriteError`` (a full disk) or ``CapsuleFileError`` and leaves any
     previous file of that name intact."""
     root = Path(directory)
     path = capsule_path(root, name)
-    data = encode_capsule(capsule, layout)
+    data = encode_parts(capsule, layout, ready)
     tmp = root / f"{_tmp_prefix(name)}{os.getpid()}.{next(_tmp_counter)}{TMP_SUFFIX}"
     try:
         root.mkdir(parents=True, exist_ok=True)
