@@ -28,6 +28,7 @@ class Code(enum.IntEnum):
     CAPSULE_NOT_FOUND = 401
     CAPSULE_BUDGET = 402    # capsule larger than any tier budget
     CAPSULE_EVICTED = 403   # informational: a capsule moved tier or was dropped
+    VERIFY_MISMATCH = 404   # verify mode: a cold recompute of a boundary differs from it
     ACTION_CLAMPED = 500
     ACTION_DROPPED = 501
     STALE_OBSERVATION = 502

@@ -157,10 +157,28 @@ def test_compaction_never_holds_a_row_twice():
         e.query("a", torch.randn(2, m.hidden_size, generator=torch.Generator().manual_seed(i)),
                 act=lambda h: None)
         e.commit()
+        while e.idle_step() is not None:   # what the worker does between queries
+            pass
     cap = e.boundary("a")
     assert len(cap.kv) <= 4 and e.store.stats()["counters"]["compactions"] >= 1
+    assert e.counters["idle_compactions"] >= 1
     # every KV row of the stream (current + history share the prefix) held exactly once
     assert e.store.stats()["bytes"]["kv"] == cap.position * m.live.layout.kv_row_bytes()
     history = [c for c in e.store.slot("a").history if c is not None]
     for h in history:   # history entries still hold exactly their own rows
         assert h.position < cap.position and sum(s.stop - s.start for s in h.kv) == h.position
+
+
+def test_a_node_that_never_idles_still_compacts_past_the_hard_limit():
+    m = _model()
+    e = Engine(m, chunk_size=8, history_depth=2, max_segments=4)
+    e.add_stream("a")
+    longest = 0
+    for i in range(40):      # no idle_step ever: commits compact only past 4 x max_segments
+        e.query("a", torch.randn(1, m.hidden_size, generator=torch.Generator().manual_seed(i)),
+                act=lambda h: None)
+        e.commit()
+        longest = max(longest, len(e.boundary("a").kv))
+    assert longest <= 4 * e.store.compact_hard_factor + 1
+    assert e.store.stats()["counters"]["compactions"] >= 1 and e.counters["idle_compactions"] == 0
+

@@ -206,3 +206,25 @@ def test_a_bad_context_message_is_one_status_without_a_request_id(rig):
     assert [(s.stream, s.input, s.request_id, s.code) for s in rig.statuses] == [
         ("", "joints", 0, Status.MISSING_JOINT)]
     assert rig.actions[0].request_id == 1   # the rejected message consumed no id
+
+
+def test_verify_mode_turned_on_live_runs_between_queries_and_reports_in_diagnostics(rig):
+    from rclpy.parameter import Parameter
+    [result] = rig.node.set_parameters([Parameter("capsules.verify_every", value=1)])
+    assert result.successful
+    for k in range(3):
+        rig.frame(k)
+        spin_until(rig.ex, lambda: len(rig.actions) == k + 1, 30, f"answer {k}")
+
+    def node_values() -> dict:
+        for array in reversed(rig.diagnostics):
+            for status in array.status:
+                if status.name.endswith(": node"):
+                    return {kv.key: kv.value for kv in status.values}
+        return {}
+    # each boundary is recomputed between queries, on the worker, and the count published
+    spin_until(rig.ex, lambda: int(node_values().get("verifies", "0")) >= 2, 60,
+               "verifications reported in /diagnostics")
+    assert node_values()["verify_mismatches"] == "0"
+    assert not [s for s in rig.statuses if s.code == Status.VERIFY_MISMATCH]
+

@@ -115,6 +115,7 @@ class CapsuleStore:
             raise ValueError("max_segments must be >= 2")
         self.history_depth = history_depth
         self.max_segments = max_segments
+        self.compact_hard_factor = 4   # commit compacts by itself past max_segments * this
         self.device = torch.device(device)
         self.pin_host = pin_host
         self.files = files            # the file tier (None: no file tier)
@@ -249,6 +250,21 @@ class CapsuleStore:
         slot = self.slot(stream)
         held = self._hold(capsule)
         self._commit_held(slot, held)
+        # compaction copies KV: it waits for ``compact`` (the caller's idle time) unless the
+        # chain has grown far past max_segments (a caller that is never idle)
+        if (held is not None and held.capsule is not None
+                and len(held.capsule.kv) > self.max_segments * self.compact_hard_factor):
+            self._compact(held)
+
+    def compactable(self) -> list[str]:
+        """Streams whose current boundary's KV chain is longer than ``max_segments``."""
+        return [name for name, slot in self._slots.items()
+                if slot.held_current is not None and slot.held_current.capsule is not None
+                and len(slot.held_current.capsule.kv) > self.max_segments]
+
+    def compact(self, stream: str) -> None:
+        """Merge the stream's boundary's KV segments (see ``_compact``)."""
+        held = self.slot(stream).held_current
         if held is not None and held.capsule is not None and len(held.capsule.kv) > self.max_segments:
             self._compact(held)
 

@@ -7,11 +7,17 @@ snapshot of the live state that becomes the stream's current capsule in the stor
 meaning of "commit" here and in the store). Streams
 never see each other's state: every query starts from its own stream's capsule.
 
-Verify mode (``verify_every=N``): every N commits of a stream, its boundary is recomputed cold
-from its base and journal (same chunking) and compared buffer by buffer with the committed
-capsule (``runtime/verify.py``); a mismatch is counted (``verify_mismatches``), logged and kept
-as ``last_verify`` with the first divergence. It never raises on the query path, and leaves the
-live buffers holding the stream's boundary.
+Verify mode (``verify_every=N``): every N commits of a stream, its boundary is queued for a
+cold recompute from its base and journal (the same appends, the same chunking, the same kernels)
+compared buffer by buffer with the committed capsule (``runtime/verify.py``). The recompute runs
+in ``idle_step`` slices of one chunk each, between queries, when no trigger waits: its progress
+is a capsule of its own, restored at the next slice, so queries in between change nothing. A
+mismatch is counted (``verify_mismatches``), logged and kept as ``last_verify`` with the first
+divergence; ``verify(stream)`` does the same at once (tools and tests).
+
+Compaction (merging a boundary's KV segments once the chain grows past ``max_segments``) also
+runs in ``idle_step``; on the query path only past ``store.compact_hard_factor`` times that length
+(a node that never idles must still not grow its chains without bound).
 
 The journal (the appended embeddings a capsule carries) is kept only for what needs it: all of it
 while verify mode (or ``full_journal``) is on (a cold recompute replays it from the empty state), the last
@@ -61,6 +67,18 @@ class _Pending:
     journal: tuple[JournalEntry, ...]
 
 
+@dataclass
+class _Verification:
+    """A cold recompute in progress: what it checks, and how far it got."""
+
+    stream: str
+    committed: Capsule
+    base: Capsule
+    chunks: list[torch.Tensor]            # what is still to append, one forward each
+    partial: Capsule | None = None        # the recompute so far (None: still at the base)
+    started: float = field(default_factory=time.perf_counter)
+
+
 class Engine:
     def __init__(self, model: HybridModel, *, history_depth: int = 8, chunk_size: int = 64,
                  context_policy: str = "reset", rebase_window: int = 8,
@@ -81,15 +99,18 @@ class Engine:
         self.rebase_window = rebase_window
         # Verify mode: every ``verify_every`` commits of a stream, recompute its boundary cold
         # from the journal and compare buffer by buffer (bit-exact unless ``verify_atol`` > 0).
-        self.verify_every = verify_every
+        self._verify_every = verify_every
         self.verify_atol = verify_atol
         # The whole journal from the empty state: what a cold recompute replays (verify mode
         # turns it on; so do proofs and tools that recompute a boundary).
-        self.full_journal = full_journal or verify_every > 0
+        self._full_journal = full_journal
         self.last_verify: VerifyReport | None = None
         self.counters = {"queries": 0, "restores": 0, "restores_skipped": 0, "commits": 0,
                          "context_resets": 0, "context_rebases": 0, "rebase_ms_total": 0.0,
-                         "verifies": 0, "verify_mismatches": 0, "verify_errors": 0}
+                         "verifies": 0, "verify_mismatches": 0, "verify_errors": 0,
+                         "verify_slices": 0, "verify_skipped": 0, "idle_compactions": 0}
+        self._verify_due: dict[str, Capsule] = {}     # stream -> boundary to verify (newest)
+        self._verifying: _Verification | None = None
         self._pending: _Pending | None = None
         # The capsule the live buffers hold right now (None: dirty, e.g. mid-append).
         self._live_capsule: Capsule | None = None
@@ -136,6 +157,24 @@ class Engine:
         if self.context_policy == "rebase" and self.rebase_window:
             return journal[-self.rebase_window:]
         return ()
+
+    @property
+    def verify_every(self) -> int:
+        return self._verify_every
+
+    @verify_every.setter
+    def verify_every(self, n: int) -> None:
+        """Verify mode can be turned on while serving (a live parameter): journals are kept from
+        then on, and boundaries whose journal does not reach back are skipped, not failed."""
+        if n < 0:
+            raise ValueError("verify_every must be >= 0")
+        self._verify_every = n
+
+    @property
+    def full_journal(self) -> bool:
+        """The whole journal from the empty state: what a cold recompute replays (verify mode
+        turns it on; so do proofs and tools that recompute a boundary)."""
+        return self._full_journal or self._verify_every > 0
 
     @property
     def live(self):
@@ -210,7 +249,7 @@ class Engine:
         self.counters["commits"] += 1
         ms = (_now(self.live.device) - t0) * 1e3
         if self.verify_every and self.store.slot(p.stream).commits % self.verify_every == 0:
-            self._verify_quietly(p.stream)
+            self._verify_due[p.stream] = self._live_capsule  # recomputed at idle, never here
         return ms
 
     def abort(self) -> None:
@@ -262,49 +301,111 @@ class Engine:
     def verify(self, stream: str) -> "VerifyReport":
         """Recompute ``stream``'s boundary cold (its base + journal, same chunking) and compare it
         with the committed capsule buffer by buffer: valid KV rows, conv/recurrent state, meta.
-
-        Returns the report (also kept as ``last_verify``); a mismatch names the first divergence.
-        The live buffers are left holding the stream's boundary. Meta tensors set by a query's act
-        (e.g. sampler RNG) are not derivable from the journal and are not compared.
-        """
+        At once (the idle slices' path, run to the end). Returns the report (also kept as
+        ``last_verify``); a mismatch names the first divergence. Meta tensors set by a query's
+        act (e.g. sampler RNG) are not derivable from the journal and are not compared."""
         self._idle()
-        slot = self.store.slot(stream)
-        committed = self._fetch(slot.held_current) or self.empty
-        base = self._fetch(slot.held_base) or self.empty
-        if sum(e.embeds.shape[0] for e in committed.journal) != committed.position:
+        committed = self.boundary(stream)
+        v = self._start_verification(stream, committed)
+        saved, self._verifying = self._verifying, v
+        try:
+            while self._verifying is v:
+                self._verify_slice()
+        finally:
+            self._verifying = saved if saved is not v else None
+        return self.last_verify
+
+    # -- idle work: run by the worker between queries, never while a trigger waits ---------
+    def idle_step(self) -> tuple[str, VerifyReport | None] | None:
+        """One slice of background work: one chunk of a verification, or one compaction.
+        Returns what it did (``("verify", report or None until done)``, ``("compact", None)``)
+        or None when there is nothing to do."""
+        self._idle()
+        if self._verifying is None and self._verify_due:
+            stream = next(iter(self._verify_due))
+            committed = self._verify_due.pop(stream)
+            if not self._journal_complete(committed):  # committed before verify mode was on
+                self.counters["verify_skipped"] += 1
+                return ("verify", None)
+            try:
+                self._verifying = self._start_verification(stream, committed)
+            except Exception as e:  # noqa: BLE001 - a verification that cannot run is counted
+                self._verify_failed(stream, e)
+                return ("verify", self.last_verify)
+        if self._verifying is not None:
+            v = self._verifying
+            try:
+                self._verify_slice()
+            except Exception as e:  # noqa: BLE001 - never let verification break serving
+                self._verifying = None
+                self._live_capsule = None
+                self._verify_failed(v.stream, e)
+                return ("verify", self.last_verify)
+            return ("verify", self.last_verify if self._verifying is None else None)
+        stream = next(iter(self.store.compactable()), None)
+        if stream is not None:
+            self.store.compact(stream)
+            self.counters["idle_compactions"] += 1
+            return ("compact", None)
+        return None
+
+    @property
+    def verifications_due(self) -> int:
+        return len(self._verify_due) + (self._verifying is not None)
+
+    def _start_verification(self, stream: str, committed: Capsule) -> _Verification:
+        slot = self.store.slot(stream) if stream in self.store else None
+        base = (self._fetch(slot.held_base) if slot is not None else None) or self.empty
+        if not self._journal_complete(committed):
             raise CapsuleError(f"stream {stream!r}: its journal does not reach back to the empty "
                                "state (a full journal is kept only while verify_every > 0 or full_journal)")
         if len(base.journal) > len(committed.journal) or any(
                 a is not b for a, b in zip(committed.journal, base.journal)):
             base = self.empty  # the base is not an ancestor of this boundary: replay it all
-        t0 = time.perf_counter()
-        try:
-            cold = self.recompute(committed, base)
-            report = compare_capsules(self.model.live.layout, committed, cold, atol=self.verify_atol)
-        finally:
-            # Leave the live state holding the stream's boundary (or dirty if that fails).
-            self._live_capsule = None
-            self._restore(committed)
-        report.stream = stream
-        report.position = committed.position
-        report.commits = slot.commits
-        report.ms = (time.perf_counter() - t0) * 1e3
+        # the serving path appended each entry in chunk_size pieces (``_append``): the same here
+        chunks = [e.embeds[i:i + self.chunk_size] for e in committed.journal[len(base.journal):]
+                  for i in range(0, e.embeds.shape[0], self.chunk_size)]
+        return _Verification(stream, committed, base, chunks)
+
+    @staticmethod
+    def _journal_complete(capsule: Capsule) -> bool:
+        return sum(e.embeds.shape[0] for e in capsule.journal) == capsule.position
+
+    def _verify_slice(self) -> None:
+        """Append the next chunk onto the recompute so far; compare when none is left."""
+        v = self._verifying
+        start = v.partial or v.base
+        self._restore(start)
+        if v.chunks:
+            self._append(v.chunks.pop(0))
+        self.counters["verify_slices"] += 1
+        if v.chunks:
+            v.partial = capsule_ops.snapshot(self.live, fingerprint=self.model.fingerprint,
+                                             position=self.model.position,
+                                             meta=self.model.read_meta(),
+                                             meta_tensors=self.meta_tensors, parent=start)
+            self._live_capsule = v.partial
+            return
+        cold = capsule_ops.snapshot(self.live, fingerprint=self.model.fingerprint,
+                                    position=self.model.position, meta=self.model.read_meta(),
+                                    meta_tensors=self.meta_tensors, journal=v.committed.journal)
+        self._live_capsule = cold
+        report = compare_capsules(self.model.live.layout, v.committed, cold, atol=self.verify_atol)
+        report.stream = v.stream
+        report.position = v.committed.position
+        report.commits = self.store.slot(v.stream).commits if v.stream in self.store else 0
+        report.ms = (time.perf_counter() - v.started) * 1e3
+        self._verifying = None
         self.counters["verifies"] += 1
         if not report.ok:
             self.counters["verify_mismatches"] += 1
-            log.warning("verify %s: %s", stream, report.text())
+            log.warning("verify %s: %s", v.stream, report.text())
         self.last_verify = report
-        return report
 
-    def _verify_quietly(self, stream: str) -> None:
-        """Verify mode on the query path: a failure to verify is counted, never raised."""
-        try:
-            self.verify(stream)
-        except Exception as e:  # noqa: BLE001 - verify must not break the query path
-            self.counters["verify_errors"] += 1
-            self.last_verify = VerifyReport(stream=stream, ok=False, error=repr(e))
-            log.error("verify %s failed to run: %r", stream, e)
-            self._live_capsule = None
+    def _verify_failed(self, stream: str, e: Exception) -> None:
+        self.counters["verify_errors"] += 1
+        self.last_verify = VerifyReport(stream=stream, ok=False, error=repr(e))
+        log.error("verify %s failed to run: %r", stream, e)
 
     def recompute(self, capsule: Capsule, base: Capsule | None = None) -> Capsule:
         """Cold recompute of a boundary from its journal, on the same chunking (verify mode).

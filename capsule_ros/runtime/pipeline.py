@@ -77,7 +77,8 @@ class Pipeline:
                                      for name in config.inputs})
         self._sink: Publish = lambda outcome: None
         self.scheduler = Scheduler(self.answer, self._emit, now_ns=lambda: 0, ready=self.ready,
-                                   context_wait_s=config.queries.context_wait_ms / 1e3)
+                                   context_wait_s=config.queries.context_wait_ms / 1e3,
+                                   idle=self.idle_step)
         # the one stream registry: configured, forked, loaded and dropped streams all go through it
         self.streams: dict[str, _StreamState] = {}
         for name in list(config.streams):
@@ -271,6 +272,13 @@ class Pipeline:
         values = {"model": model.model.config.model_type, "device": str(device),
                   "dtype": self.config.model.dtype, "execution": model.execution,
                   "captures": str(self.captures), "streams": str(len(self.streams))}
+        counters = self.engine.counters  # written by the worker; plain ints read as they are
+        values.update({k: str(counters[k]) for k in ("verifies", "verify_mismatches",
+                                                      "verify_errors", "idle_compactions")})
+        values["verifications_due"] = str(self.engine.verifications_due)
+        if self.persister is not None:
+            values.update({f"persist_{k}": str(v) for k, v in self.persister.stats().items()
+                           if isinstance(v, (int, float))})
         if device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)
             values["gpu_allocated_mb"] = f"{torch.cuda.memory_allocated(device) / 2**20:.0f}"
@@ -421,6 +429,17 @@ class Pipeline:
                                                   answer.act_ms, commit_ms, position)
         events = [Failure(stream, request_id, code, text, job.stamp_ns) for code, text in result.events]
         return events + [answer]
+
+    def idle_step(self) -> list[Outcome] | None:
+        """One slice of the engine's background work (between queries): a verification chunk
+        or a compaction. A verification that found a divergence is a status on its stream."""
+        done = self.engine.idle_step()
+        if done is None:
+            return None
+        kind, report = done
+        if kind == "verify" and report is not None and not report.ok:
+            return [Failure(report.stream, 0, Code.VERIFY_MISMATCH, report.text()[:500])]
+        return []
 
     def _query_parts(self, job: Job, paired: dict[str, int]) -> list[torch.Tensor]:
         """What an explicit query adds: the newest message of its input, then its instruction."""

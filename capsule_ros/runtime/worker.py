@@ -77,8 +77,13 @@ class Scheduler:
 
     def __init__(self, run: Callable[[Job, int, int], list[Outcome]], publish: Publish,
                  now_ns: Callable[[], int], ready: Callable[[Job], bool] = lambda job: True,
-                 context_wait_s: float = 0.1) -> None:
+                 context_wait_s: float = 0.1,
+                 idle: Callable[[], list[Outcome] | None] = lambda: None) -> None:
+        """``idle()``: one slice of background work (a verification chunk, a compaction), run
+        only when no job is ready; returns what to publish, or None when it had nothing to do."""
         self._run, self._publish, self._now_ns, self._ready = run, publish, now_ns, ready
+        self._idle = idle
+        self._idle_more = True
         self.context_wait_s = context_wait_s
         self._streams: dict[str, _Stream] = {}
         self._order: list[str] = []          # round-robin order
@@ -204,13 +209,16 @@ class Scheduler:
         return True
 
     def drain(self) -> None:
-        """Without a thread (offline): run every queued job now, in the worker's order."""
+        """Without a thread (offline): run every queued job now, in the worker's order, then the
+        background work the worker would do in its idle time."""
         while True:
             with self._cond:
                 item = self._take(wait_for_context=False)
             if item is None:
-                return
+                break
             self._execute(*item)
+        while self._idle_slice():
+            pass
 
     def _loop(self) -> None:
         while True:
@@ -218,18 +226,32 @@ class Scheduler:
                 item = None
                 while not self._stop:
                     item = self._take(wait_for_context=True)
-                    if item is not None:
+                    if item is not None or self._idle_more:
                         break
                     self._cond.wait(self._wait_s())
                 if self._stop:
                     return
                 self._busy = True
             try:
-                self._execute(*item)
+                if item is not None:
+                    self._execute(*item)
+                    self._idle_more = True   # a query may have left background work
+                else:                        # nothing ready: one slice, then look again
+                    self._idle_more = self._idle_slice()
             finally:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+    def _idle_slice(self) -> bool:
+        try:
+            outcomes = self._idle()
+        except Exception as e:  # background work must not end the worker either
+            log.error("idle work failed: %s\n%s", e, traceback.format_exc())
+            return False
+        for outcome in outcomes or ():
+            self._safe_publish(outcome)
+        return outcomes is not None
 
     def _take(self, wait_for_context: bool) -> tuple | None:
         """Under the lock: the next op, else the next ready job, streams taken in turn."""
