@@ -8,6 +8,8 @@ full capsule at position 16 is exactly 2 KiB.
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 
 import pytest
 import torch
@@ -94,6 +96,7 @@ def test_lru_moves_device_host_file_and_promotion(live, tmp_path):
     assert st["counters"]["moves_by_path"] == {"device->host": 3, "host->file": 1}
     assert st["counters"]["moves"] == 4 and st["counters"]["promotions"] == 0
     assert st["tiers"]["device"]["capsules"] == 2 and st["tiers"]["host"]["capsules"] == 2
+    store.files.flush()   # demotions are written behind, on the tier's I/O thread
     assert st["tiers"]["file"]["capsules"] == 1 and len(list(tmp_path.glob("tier-*"))) == 1
     assert st["tiers"]["device"]["bytes"] <= 2 * CAP + 100 and st["tiers"]["host"]["bytes"] <= 2 * CAP + 100
     # positions are answered without bringing anything back
@@ -112,6 +115,7 @@ def test_lru_moves_device_host_file_and_promotion(live, tmp_path):
     # every capsule is still intact wherever it went
     for s in store.list():
         assert digest(current(pol, store, s)) == originals[s]
+    assert store.files.flush(timeout=60)
     assert not list(tmp_path.glob(".*.tmp"))
 
 
@@ -204,6 +208,7 @@ def test_round_trip_every_tier_with_shared_segments(live, tmp_path):
     assert not journal_ptrs & {e.embeds.data_ptr() for c in store.capsules() for e in c.journal}
     for h in store.held():
         store.demote(h.id, Tier.FILE)
+    assert store.files.flush(timeout=60)   # written behind, on the tier's I/O thread
     assert len(list(tmp_path.glob("tier-*.capsule.safetensors"))) == 3
     assert store.capsules() == []
     # promotion (current, history, rollback) brings them back to the device, contents exact
@@ -237,3 +242,51 @@ def test_default_store_has_no_tiers(live):
     assert st["capsules"] == 1 and st["bytes"]["state"] == 1024
     store.drop("b")
     assert store.list() == ["a"]
+
+
+def test_tier_files_write_behind_and_prefetch_take_the_io_off_the_caller(live, tmp_path, monkeypatch):
+    import capsule_ros.capsule.tiers as tiers_module
+    files = TierFiles(tmp_path, LAYOUT)
+    try:
+        a, b = make(live, 16, 1), make(live, 16, 2)
+        gate = threading.Event()
+        real_save = tiers_module.save_capsule
+
+        def held_save(*args, **kwargs):       # the I/O thread's write waits for the test
+            assert gate.wait(30)
+            return real_save(*args, **kwargs)
+        monkeypatch.setattr(tiers_module, "save_capsule", held_save)
+        path_a = files.write(a)               # returns at once: the write is behind
+        back = files.read(path_a, FP, a.id, torch.device("cpu"))   # not on disk: from memory
+        assert digest(back) == digest(a) and files.counters["reads_from_memory"] == 1
+        gate.set()
+        path_b = files.write(b)
+        assert files.flush(timeout=30) and path_a.is_file() and path_b.is_file()
+        files.prefetch(path_b, FP, b.id)      # read ahead on the I/O thread
+        deadline = time.monotonic() + 30
+        while files.counters["prefetches"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        back = files.read(path_b, FP, b.id, torch.device("cpu"))
+        assert digest(back) == digest(b)
+        assert files.counters["prefetch_hits"] == 1 and files.counters["reads_inline"] == 0
+        back = files.read(path_a, FP, a.id, torch.device("cpu"))   # a cold miss: read here
+        assert digest(back) == digest(a) and files.counters["reads_inline"] == 1
+    finally:
+        files.close()
+
+
+def test_a_failed_write_behind_keeps_the_capsule_in_memory(live, tmp_path, monkeypatch):
+    import capsule_ros.capsule.tiers as tiers_module
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(tiers_module, "save_capsule", disk_full)
+    files = TierFiles(tmp_path, LAYOUT)
+    try:
+        c = make(live, 16, 3)
+        path = files.write(c)
+        assert files.flush(timeout=30)
+        assert files.counters["write_failures"] == 1 and not path.exists()
+        assert digest(files.read(path, FP, c.id, torch.device("cpu"))) == digest(c)
+    finally:
+        files.close()

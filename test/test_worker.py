@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(60)
 
 def answer(job: Job, seq: int, dropped: int) -> list:
     return [Answer(job.stream, job.request_id, TextOutput((), "", "eos"), 0, job.stamp_ns, False,
-                   0.0, 0.0, 0.0, 0.0, 0.0, seq, dropped)]
+                   0.0, 0.0, 0.0, 0.0, 0.0, seq=seq, dropped=dropped)]
 
 
 def balanced(acc: dict) -> bool:

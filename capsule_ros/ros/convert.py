@@ -36,6 +36,7 @@ def _answer_fields(msg: Any, answer: Answer, frame_id: str) -> Any:
     msg.append_ms = float(answer.append_ms)
     msg.act_ms = float(answer.act_ms)
     msg.commit_ms = float(answer.commit_ms)
+    msg.fetch_ms = float(answer.fetch_ms)
     return msg
 
 

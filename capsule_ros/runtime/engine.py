@@ -58,6 +58,7 @@ class QueryResult(Generic[T]):
     act_ms: float
     restored: bool           # False when the live buffers already held this stream's boundary
     events: list[tuple[Code, str]] = field(default_factory=list)  # e.g. a context reset
+    fetch_ms: float = 0.0    # bringing the boundary back from a lower tier (0 when resident)
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Engine:
         # turns it on; so do proofs and tools that recompute a boundary).
         self._full_journal = full_journal
         self.last_verify: VerifyReport | None = None
+        self.last_committed: Capsule | None = None
         self.counters = {"queries": 0, "restores": 0, "restores_skipped": 0, "commits": 0,
                          "context_resets": 0, "context_rebases": 0, "rebase_ms_total": 0.0,
                          "verifies": 0, "verify_mismatches": 0, "verify_errors": 0,
@@ -192,7 +194,9 @@ class Engine:
             raise CapsuleRosError(Code.BAD_INPUT, f"embeddings of shape {tuple(embeds.shape)}, "
                                   f"expected [n>0, {self.model.hidden_size}]")
         entry = JournalEntry(embeds.detach().clone(), source)  # stays on its device: no host sync per query
+        tf = time.perf_counter()
         start, replay, events = self._plan(stream, entry.embeds.shape[0])
+        fetch_ms = (time.perf_counter() - tf) * 1e3
 
         t0 = _now(self.live.device)
         restored = self._restore(start)
@@ -214,7 +218,7 @@ class Engine:
         self._pending = _Pending(stream, start, self.journal_kept(journal + (entry,)))
         self.counters["queries"] += 1
         return QueryResult(stream, output, self.model.position, (t1 - t0) * 1e3, (t2 - t1) * 1e3,
-                           (t3 - t2) * 1e3, restored, events)
+                           (t3 - t2) * 1e3, restored, events, fetch_ms)
 
     def extend(self, embeds: torch.Tensor, source: str = "") -> torch.Tensor:
         """Append more within the pending query (e.g. decoded tokens fed back); returns hidden.
@@ -244,6 +248,7 @@ class Engine:
                                        meta_tensors=self.meta_tensors, journal=p.journal,
                                        parent=p.parent)
         self.tiers.commit(self.store, p.stream, capsule)
+        self.last_committed = capsule  # in memory whatever tier the store put it in
         # the store may have merged segments (a new object, same bytes) or moved it to host
         self._live_capsule = self.store.slot(p.stream).held_current.capsule
         self.counters["commits"] += 1
@@ -348,6 +353,16 @@ class Engine:
             self.counters["idle_compactions"] += 1
             return ("compact", None)
         return None
+
+    def prefetch(self, stream: str) -> None:
+        """A trigger for ``stream`` was queued: if its boundary sits in the file tier, have the
+        tier's I/O thread read it now, so the query finds it in memory. Called from a
+        subscription callback: it only reads the store and hands a request on."""
+        files = self.store.files
+        slot = self.store._slots.get(stream) if files is not None else None
+        held = slot.held_current if slot is not None else None
+        if held is not None and held.tier.value == "file" and held.path is not None:
+            files.prefetch(held.path, held.fingerprint, held.id)
 
     @property
     def verifications_due(self) -> int:

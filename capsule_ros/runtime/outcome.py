@@ -46,6 +46,7 @@ class Answer:
     append_ms: float
     act_ms: float                # head, including every decode step of a token head
     commit_ms: float             # this query's own commit
+    fetch_ms: float = 0.0        # waiting for the boundary to come back from a lower tier
     seq: int = 0                 # per-stream answer number: 1, 2, ... with no gap
     dropped: int = 0             # the stream's triggers dropped since its previous answer
     events: list[tuple[Code, str]] = field(default_factory=list)

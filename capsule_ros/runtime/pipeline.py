@@ -198,6 +198,8 @@ class Pipeline:
         self.stop()
         if self.persister is not None:
             self.persister.close()
+        if self.engine.store.files is not None:
+            self.engine.store.files.close()
         if self.owner is not None:
             self.owner.release()
             self.owner = None
@@ -348,6 +350,7 @@ class Pipeline:
             self.figures.stream(stream).record_message(receive_ns, stamp_ns if from_header else None)
             self.scheduler.submit(Job(stream, stamp_ns, not from_header, input_name, embeds,
                                       encode_ms))
+            self.engine.prefetch(stream)  # a boundary in the file tier is read while it waits
         if not triggered:
             self.scheduler.wake()  # a job may have been waiting for this context
         self._offline(publish)
@@ -419,12 +422,12 @@ class Pipeline:
 
         # outcome (the boundary is committed: persistence may write it off the query path)
         if self.persister is not None:
-            self.persister.submit(stream, self.engine.boundary(stream))
+            self.persister.submit(stream, self.engine.last_committed)
         position = self.engine.model.position
         answer = Answer(stream, request_id, output, position, job.stamp_ns,
                         job.stamp_is_receive_time, encode_ms, result.restore_ms,
-                        result.append_ms, result.act_ms + decode_ms, commit_ms, seq, dropped,
-                        result.events)
+                        result.append_ms, result.act_ms + decode_ms, commit_ms,
+                        fetch_ms=result.fetch_ms, seq=seq, dropped=dropped, events=result.events)
         self.figures.stream(stream).record_answer(answer.restore_ms, answer.append_ms,
                                                   answer.act_ms, commit_ms, position)
         events = [Failure(stream, request_id, code, text, job.stamp_ns) for code, text in result.events]
