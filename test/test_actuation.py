@@ -10,6 +10,7 @@ import torch
 rclpy = pytest.importorskip("rclpy")
 
 from builtin_interfaces.msg import Time  # noqa: E402
+from rosgraph_msgs.msg import Clock  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
@@ -89,8 +90,12 @@ def test_actuation_parameters_validated():
 
 
 class Harness:
+    """The node on sim time driven by the test's /clock: staleness and the rate cap are judged
+    against a clock that only the test moves, so how long a query takes changes nothing."""
+
     def __init__(self, ctx, doc):
-        self.node = activate(CapsuleNode(context=ctx, parameter_overrides=_overrides(doc)))
+        overrides = _overrides(doc) + [Parameter("use_sim_time", value=True)]
+        self.node = activate(CapsuleNode(context=ctx, parameter_overrides=overrides))
         self.client = rclpy.create_node("client", context=ctx)
         self.executor = SingleThreadedExecutor(context=ctx)
         self.executor.add_node(self.node)
@@ -101,7 +106,10 @@ class Harness:
         c.create_subscription(Status, "/capsule_node/status", self.status.append, ANSWER_QOS)
         c.create_subscription(JointTrajectory, TRAJ, self.traj.append, ANSWER_QOS)
         self.pub = c.create_publisher(JointState, "/joint_states", 10)
+        self.clock = c.create_publisher(Clock, "/clock", 10)
+        self.now_s = 1000
         assert self.spin_until(lambda: self.pub.get_subscription_count() > 0
+                               and self.clock.get_subscription_count() > 0
                                and self.node.actions_pub.get_subscription_count() > 0
                                and self.node.status_pub.get_subscription_count() > 0)
 
@@ -113,16 +121,21 @@ class Harness:
             self.executor.spin_once(timeout_sec=0.05)
         return cond()
 
+    def tick(self, seconds: int) -> None:
+        """Move the node's (sim) clock forward and wait until the node has seen it."""
+        self.now_s += seconds
+        self.clock.publish(Clock(clock=Time(sec=self.now_s)))
+        want = self.now_s * 10**9
+        assert self.spin_until(lambda: self.node.get_clock().now().nanoseconds == want)
+
     def send(self, age_s: float = 0.0) -> None:
         """A joint state stamped ``age_s`` before the node's clock; waits for its ActionChunk."""
         n = len(self.chunks)
-        stamp = self.node.get_clock().now().nanoseconds - int(age_s * 1e9)
+        stamp = self.now_s * 10**9 - int(age_s * 1e9)
         msg = JointState(name=JOINTS, position=[0.1, -0.2])
         msg.header.stamp = Time(sec=stamp // 10**9, nanosec=stamp % 10**9)
         self.pub.publish(msg)
         assert self.spin_until(lambda: len(self.chunks) > n)
-        for _ in range(5):  # let the status / trajectory that follow the chunk arrive
-            self.executor.spin_once(timeout_sec=0.02)
 
     def close(self):
         self.executor.shutdown()
@@ -134,6 +147,7 @@ def test_limits_staleness_and_rate_through_node(ros):
     h = Harness(ros, params(ENABLED))
     try:
         assert h.spin_until(lambda: h.node.trajectory_pub.get_subscription_count() > 0)
+        h.tick(1)
         h.send()
         assert h.spin_until(lambda: len(h.traj) == 1)
         (traj,) = h.traj
@@ -147,16 +161,23 @@ def test_limits_staleness_and_rate_through_node(ros):
         raw = np.array(chunk.values).reshape(4, 2)
         assert np.abs(raw).max() > 0.02  # the head's output really was outside the limits
         clamped = [s for s in h.status if s.code == Code.ACTION_CLAMPED]
+        assert h.spin_until(lambda: any(s.code == Code.ACTION_CLAMPED for s in h.status))
+        clamped = [s for s in h.status if s.code == Code.ACTION_CLAMPED]
         assert clamped and all(s.stream == "arm" and s.request_id == 1 for s in clamped)
 
         h.status.clear()
-        h.send()  # right after the first: the rate cap (0.2 Hz) drops it
+        h.tick(1)
+        h.send()  # one (sim) second after the first: the rate cap (0.2 Hz) drops it
         assert h.spin_until(lambda: any(s.code == Code.RATE_LIMITED for s in h.status))
         h.status.clear()
+        h.tick(10)  # past the rate cap's 5 s
         h.send(age_s=5.0)  # older than max_age_ms
         assert h.spin_until(lambda: any(s.code == Code.STALE_OBSERVATION for s in h.status))
         assert [s.request_id for s in h.status if s.code == Code.STALE_OBSERVATION] == [3]
-        assert len(h.traj) == 1 and len(h.chunks) == 3  # chunks always, commands only when passed
+        h.tick(10)
+        h.send()   # fresh and past the rate cap: passes (and orders the check below after it)
+        assert h.spin_until(lambda: any(t.header.stamp.sec == h.now_s for t in h.traj))
+        assert len(h.traj) == 2 and len(h.chunks) == 4  # chunks always, commands when passed
     finally:
         h.close()
 
