@@ -14,39 +14,28 @@ rclpy = pytest.importorskip("rclpy")
 
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from rcl_interfaces.srv import GetParameters  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
-from rclpy.qos import qos_profile_sensor_data  # noqa: E402
-from sensor_msgs.msg import Image, JointState  # noqa: E402
 
-from capsule_ros.msg import ActionChunk, Query, Status  # noqa: E402
-from capsule_ros.ros.launch_args import node_arguments  # noqa: E402
-from capsule_ros.ros.node import ANSWER_QOS, CapsuleNode  # noqa: E402
+from capsule_ros.msg import Query, Status  # noqa: E402
+from capsule_ros.ros.node import ANSWER_QOS  # noqa: E402
 from capsule_ros.runtime.worker import OUTCOMES  # noqa: E402
 from capsule_ros.srv import CapsuleOp  # noqa: E402
 from rosutil import activate, spin_until, wait_matched  # noqa: E402
-from test_node import FRONT, JOINTS, image, joints  # noqa: E402
+from test_lifecycle import Rig as LifecycleRig  # noqa: E402
+from test_node import image, joints  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.timeout(240)]
 
 
-class Rig:
+class Rig(LifecycleRig):
+    """test_lifecycle's rig, active, plus ~/query, ~/capsule, parameters and /diagnostics."""
+
     def __init__(self, ctx, params_file):
-        args = node_arguments(params_file=str(params_file))
-        self.node = activate(CapsuleNode(context=ctx, cli_args=args.cli_args()))
-        self.client = rclpy.create_node("robot_stack", context=ctx)
-        self.ex = MultiThreadedExecutor(num_threads=3, context=ctx)
-        self.ex.add_node(self.node)
-        self.ex.add_node(self.client)
-        self.actions: list[ActionChunk] = []
-        self.statuses: list[Status] = []
+        super().__init__(ctx, params_file)
+        activate(self.node)
         self.diagnostics: list[DiagnosticArray] = []
         ns = self.node.get_fully_qualified_name()
         c = self.client
-        c.create_subscription(ActionChunk, f"{ns}/actions", self.actions.append, ANSWER_QOS)
-        c.create_subscription(Status, f"{ns}/status", self.statuses.append, ANSWER_QOS)
         c.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics.append, 10)
-        self.cam = c.create_publisher(Image, FRONT, qos_profile_sensor_data)
-        self.joints = c.create_publisher(JointState, JOINTS, qos_profile_sensor_data)
         self.query = c.create_publisher(Query, f"{ns}/query", ANSWER_QOS)
         self.capsule = c.create_client(CapsuleOp, f"{ns}/capsule")
         self.params = c.create_client(GetParameters, f"{ns}/get_parameters")
@@ -65,10 +54,13 @@ class Rig:
     def accounting(self) -> dict:
         return json.loads(self.call("stats").json)["accounting"]
 
-    def close(self) -> None:
-        self.ex.shutdown()
-        self.node.destroy_node()
-        self.client.destroy_node()
+    def diagnosed(self, name_suffix: str) -> dict:
+        """The newest /diagnostics values of the status whose name ends with ``name_suffix``."""
+        for array in reversed(self.diagnostics):
+            for status in array.status:
+                if status.name.endswith(name_suffix):
+                    return {kv.key: kv.value for kv in status.values}
+        return {}
 
 
 @pytest.fixture
@@ -122,16 +114,10 @@ def test_a_slow_query_blocks_neither_the_executor_nor_other_services(rig, monkey
     assert last.header.stamp.sec == 103          # the freshest frame was the one answered
     acc = rig.accounting()
     assert acc["front"]["superseded"] == 2 and acc["front"]["answered"] == 2 and balanced(acc)
-
-    def front_in_diagnostics() -> dict:
-        for array in reversed(rig.diagnostics):
-            for status in array.status:
-                if status.name.endswith("stream front"):
-                    return {kv.key: kv.value for kv in status.values}
-        return {}
-    spin_until(rig.ex, lambda: front_in_diagnostics().get("answered") == "2", 30,
+    spin_until(rig.ex, lambda: rig.diagnosed("stream front").get("answered") == "2", 30,
                "the accounting in /diagnostics")
-    assert front_in_diagnostics()["superseded"] == "2" and front_in_diagnostics()["received"] == "4"
+    front = rig.diagnosed("stream front")
+    assert front["superseded"] == "2" and front["received"] == "4"
 
 
 @pytest.mark.parametrize("where", ["encode", "append", "act", "commit", "publish"])
@@ -215,16 +201,9 @@ def test_verify_mode_turned_on_live_runs_between_queries_and_reports_in_diagnost
     for k in range(3):
         rig.frame(k)
         spin_until(rig.ex, lambda: len(rig.actions) == k + 1, 30, f"answer {k}")
-
-    def node_values() -> dict:
-        for array in reversed(rig.diagnostics):
-            for status in array.status:
-                if status.name.endswith(": node"):
-                    return {kv.key: kv.value for kv in status.values}
-        return {}
     # each boundary is recomputed between queries, on the worker, and the count published
-    spin_until(rig.ex, lambda: int(node_values().get("verifies", "0")) >= 2, 60,
+    spin_until(rig.ex, lambda: int(rig.diagnosed(": node").get("verifies", "0")) >= 2, 60,
                "verifications reported in /diagnostics")
-    assert node_values()["verify_mismatches"] == "0"
+    assert rig.diagnosed(": node")["verify_mismatches"] == "0"
     assert not [s for s in rig.statuses if s.code == Status.VERIFY_MISMATCH]
 
