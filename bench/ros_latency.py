@@ -7,7 +7,8 @@ discovery), each child in its own session and killed as a group at the end:
 * the node: the installed ``capsule_node`` executable with a params file written here (one
   torch thread, ``model.threads: 1``), streams ``cam0..cam3`` (640x480 rgb8 ``sensor_msgs/Image``
   triggers) and ``js0..js3`` (``sensor_msgs/JointState`` triggers), no context inputs, default
-  queues (``latest``, no ``max_age``), default model and capsule policy;
+  queues (``latest``, no ``max_age``), default model and capsule policy; inputs subscribed
+  reliable keep-last 5 (``--input-qos sensor_data`` for the best-effort profile);
 * a publisher per row (``--role pub``): publishes on 1 or 4 trigger topics at a fixed rate, each
   message stamped (``header.stamp``) with the system clock just before its own publish; the 4
   streams are published together in each period (synchronised cameras), reliable writer;
@@ -23,10 +24,14 @@ queries on the one worker. Accounting: the node's ``~/capsule stats`` before and
 (received, answered, superseded + overflowed + stale = dropped, ...), beside what was sent.
 
 **Transport floor**: the same row against an echo process (``--role echo``) instead of the node:
-it subscribes to the same message with the node's QoS (sensor data, keep last 5) on the same
+it subscribes to the same message with the node's input QoS on the same
 executor (``MultiThreadedExecutor``, 3 threads) and publishes an ``ActionChunk`` (8x7 values,
 reliable, depth 100) with the trigger's stamp from the callback; ``floor_in`` is publish -> echo
 callback. That is what rclpy + Fast DDS cost for this message with no model at all.
+
+A fresh node, echo and ROS domain serve each message type: after ~16 subscriber processes had
+come and gone in one domain, new ones stopped receiving ActionChunks from the node and from the
+bare echo alike (Status still arrived) -- a transport effect, not the node's.
 
 The first ``--warmup`` seconds of a row are published (and accounted) but not in the latency
 figures. Each row records the machine's load: CPU used by processes other than this bench's
