@@ -207,3 +207,22 @@ def test_verify_mode_turned_on_live_runs_between_queries_and_reports_in_diagnost
     assert rig.diagnosed(": node")["verify_mismatches"] == "0"
     assert not [s for s in rig.statuses if s.code == Status.VERIFY_MISMATCH]
 
+
+
+def test_an_exception_in_a_subscription_callback_is_a_status_not_a_crash(rig, monkeypatch):
+    pipeline = rig.node.pipeline
+    real = pipeline.on_message
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyError("a bug in handing on")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(pipeline, "on_message", flaky)
+    rig.frame(0)   # the joint state hits the bug; the frame goes through
+    spin_until(rig.ex, lambda: any(s.code == Status.INTERNAL for s in rig.statuses), 30, "status")
+    rig.frame(1)
+    spin_until(rig.ex, lambda: any(a.header.stamp.sec == 101 for a in rig.actions), 30, "answer")
+    assert [s.code for s in rig.statuses] == [Status.INTERNAL]
+    assert "KeyError" in rig.statuses[0].text

@@ -137,9 +137,10 @@ class CapsuleNode(LifecycleNode):
         self._pubs: list[Any] = []
         self._subs: list[Any] = []
         self._service = None
-        # Inputs hand on in one group (in arrival order); services answer in their own, on
-        # other executor threads, while a query runs on the worker.
-        self._inputs_group = MutuallyExclusiveCallbackGroup()
+        # Each input hands on in a group of its own (its messages one at a time, in order;
+        # inputs side by side: with one group for all, a busy group made rclpy's executor pass
+        # over ready inputs while their DDS queues overflowed). Pairing is by stamp, so the
+        # order between inputs does not matter. Services answer in their own group.
         self._services_group = ReentrantCallbackGroup()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -262,17 +263,14 @@ class CapsuleNode(LifecycleNode):
         _free_device_memory()
 
     def _subscribe_all(self) -> None:
-        # Context inputs subscribe before triggers: rclpy's executor serves ready subscriptions
-        # in creation order, so a context message that arrived with a trigger is taken first.
-        triggers = {s.trigger for s in self.config.streams.values()}
-        for spec in sorted(self.config.inputs.values(), key=lambda i: i.name in triggers):
+        for spec in self.config.inputs.values():
             self._subs.append(self.create_subscription(
                 import_type(spec.type), spec.topic,
                 lambda msg, name=spec.name: self._on_input(name, msg), input_qos(spec),
                 qos_overriding_options=QoSOverridingOptions.with_default_policies(),
-                callback_group=self._inputs_group))
+                callback_group=MutuallyExclusiveCallbackGroup()))
         self._subs.append(self.create_subscription(Query, "~/query", self._on_query, ANSWER_QOS,
-                                                   callback_group=self._inputs_group))
+                                                   callback_group=MutuallyExclusiveCallbackGroup()))
 
     def _unsubscribe_all(self) -> None:
         for sub in self._subs:
@@ -303,13 +301,23 @@ class CapsuleNode(LifecycleNode):
         return self.get_clock().now().nanoseconds
 
     def _on_input(self, input_name: str, msg: Any) -> None:
-        self.pipeline.on_message(input_name, msg, self._now_ns())
+        try:
+            self.pipeline.on_message(input_name, msg, self._now_ns())
+        except Exception as e:  # nothing may end the executor: a status, and serve on
+            self._callback_failed(f"input {input_name}", e)
+
+    def _callback_failed(self, where: str, e: Exception) -> None:
+        self.get_logger().error(f"{where}: {traceback.format_exc()}", throttle_duration_sec=1.0)
+        self._publish(Failure("", 0, Code.INTERNAL, f"{where}: {type(e).__name__}: {e}"[:500]))
 
     def _on_query(self, msg: Query) -> None:
         stamp = msg.header.stamp
-        self.pipeline.query(msg.stream, msg.request_id, msg.instruction, msg.input,
-                            stamp_ns=stamp.sec * 1_000_000_000 + stamp.nanosec,
-                            receive_ns=self._now_ns())
+        try:
+            self.pipeline.query(msg.stream, msg.request_id, msg.instruction, msg.input,
+                                stamp_ns=stamp.sec * 1_000_000_000 + stamp.nanosec,
+                                receive_ns=self._now_ns())
+        except Exception as e:  # nothing may end the executor
+            self._callback_failed("~/query", e)
 
     def _publish(self, outcome: Outcome) -> None:
         """What the worker returns, as messages (called from the worker thread)."""

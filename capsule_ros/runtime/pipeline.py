@@ -86,6 +86,7 @@ class Pipeline:
 
     def _register(self, spec: StreamSpec, head: Head) -> None:
         self.config.streams[spec.name] = spec
+        self._index_triggers()
         self.heads[spec.name] = head
         self.streams[spec.name] = _StreamState()
         if spec.name not in self.engine.store:
@@ -94,8 +95,17 @@ class Pipeline:
                                                           spec.max_age_ms))
         self.figures.stream(spec.name)
 
-    def triggered_by(self, input_name: str) -> list[str]:
-        return [s.name for s in self.config.streams.values() if s.trigger == input_name]
+    def triggered_by(self, input_name: str) -> tuple[str, ...]:
+        return self._triggers.get(input_name, ())
+
+    def _index_triggers(self) -> None:
+        # rebuilt whole and swapped in: callbacks on executor threads read it while the worker
+        # registers or drops a stream
+        index: dict[str, tuple[str, ...]] = {}
+        for s in list(self.config.streams.values()):
+            if s.trigger:
+                index[s.trigger] = index.get(s.trigger, ()) + (s.name,)
+        self._triggers = index
 
     # -- capsule files ---------------------------------------------------------------------
     def reload(self) -> list[str]:
@@ -237,6 +247,7 @@ class Pipeline:
             self.figures.drop(stream)
             for registry in (self.config.streams, self.heads, self.streams):
                 registry.pop(stream, None)
+            self._index_triggers()
         self.call(op)
 
     # -- configure-time checks and warm-up ---------------------------------------------------
