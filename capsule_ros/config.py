@@ -90,6 +90,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 CONTEXT_POLICIES = ("refuse", "reset", "rebase")
 ENCODERS = ("image", "joint_state", "float_array", "text", "point_cloud")
 HEADS = ("continuous", "tokens")
+BACKENDS = ("torch", "onnxruntime")
 QOS_PROFILES = ("sensor_data", "reliable")
 IMAGE_ENCODINGS = ("rgb8", "bgr8", "rgba8", "mono8", "16UC1")
 
@@ -113,6 +114,10 @@ SCHEMA: tuple[Param, ...] = (
           "configure, never while serving)"),
     Param("model.policy_weights", str, "", "policy.safetensors with encoder and head weights; "
           "empty: beside the checkpoint, or seeded random"),
+    Param("model.backend", str, "torch", "torch: transformers modules (eager, CUDA graphs); "
+          "onnxruntime: the exported step (python -m capsule_ros.export; model.path may name an "
+          "export directory, else the configured model is exported once under ROS_HOME)",
+          choices=BACKENDS),
     Param("model.threads", int, 0, "torch intra-op threads; 0 = all cores but one (one is left "
           "to the ROS executor)", min=0, max=1024),
     Param("queries.context_wait_ms", float, 100.0, "how long a trigger waits for context that is "
@@ -131,6 +136,9 @@ SCHEMA: tuple[Param, ...] = (
           min=0.0),
     Param("capsules.host_budget_mb", float, 0.0, "host-tier byte budget (MiB); 0 = unlimited", min=0.0),
     Param("capsules.file_budget_mb", float, 0.0, "file-tier byte budget (MiB); 0 = unlimited", min=0.0),
+    Param("capsules.accept_other_execution", bool, False, "restore, load and install capsules "
+          "computed on another execution path (eager, graph, lean-cuda, onnxruntime-cpu); "
+          "refused by default: other kernels continue a state with other numerics"),
     Param("capsules.verify_every", int, 0, "recompute a stream cold every N commits and compare "
           "(0 = off)", min=0, live=True),
     Param("actuation.enabled", bool, False, "publish ~/joint_trajectory through the safety guard",
@@ -268,6 +276,7 @@ class ModelConfig:
     chunk_size: int = 64
     cuda_graphs: bool = True
     policy_weights: str = ""
+    backend: str = "torch"
     threads: int = 0
 
 
@@ -282,6 +291,7 @@ class CapsuleConfig:
     device_budget_mb: float = 0.0
     host_budget_mb: float = 0.0
     file_budget_mb: float = 0.0
+    accept_other_execution: bool = False
     verify_every: int = 0
 
 

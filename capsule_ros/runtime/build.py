@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..capsule.execution import accepting_other_execution
 from ..capsule.files import clean_stale_temps
 from ..capsule.persist import Persister
 from ..capsule.places import CapsuleDirs
@@ -36,9 +37,15 @@ def build_pipeline(config: NodeConfig, node_name: str = "/capsule_node",
     spec = ModelSpec(config_file=resolve(m.config_file) if not m.path else None,
                      path=m.path or None, seed=m.seed, dtype=m.dtype, device=m.device,
                      max_len=m.max_context)
-    model = HybridModel.load(spec)
+    if m.backend == "onnxruntime":
+        from .onnx_backend import load_for_node  # onnxruntime is imported only where selected
+        model = load_for_node(spec, m.threads, ros_home)
+    else:
+        model = HybridModel.load(spec)
     if model.live.device.type == "cuda" and m.cuda_graphs:
         model.enable_graphs()  # graph-bound execution: restores copy into captured buffers
+    if config.capsules.accept_other_execution:
+        model.fingerprint = accepting_other_execution(model.fingerprint)
     caps = config.capsules
     engine = Engine(model, history_depth=caps.history_depth,
                     chunk_size=m.chunk_size, context_policy=caps.context_policy,
