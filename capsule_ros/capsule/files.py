@@ -178,17 +178,19 @@ class FileTensor:
     def buffers(self) -> list[memoryview]:
         return [_buffer(c) for c in self.chunks]
 
-    def sha256(self) -> str:
-        h = hashlib.sha256()
-        for b in self.buffers():
-            h.update(b)   # hashlib releases the GIL on buffers of 2 KiB and more
-        return h.hexdigest()
 
     def tensor(self) -> torch.Tensor:
         """The tensor itself (one contiguous CPU tensor; a copy when it has several chunks)."""
         if len(self.chunks) == 1:
             return self.chunks[0].reshape(self.shape)
         return torch.cat([c.reshape(-1) for c in self.chunks]).reshape(self.shape)
+
+
+def _sha256(buffers: list[memoryview]) -> str:
+    h = hashlib.sha256()
+    for b in buffers:
+        h.update(b)   # hashlib releases the GIL on buffers of 2 KiB and more
+    return h.hexdigest()
 
 
 def _to_host(tensors: list[torch.Tensor], ready: Any = None) -> list[torch.Tensor]:
@@ -249,7 +251,8 @@ def capsule_tensors(capsule: Capsule) -> dict[str, torch.Tensor]:
     return {k: ft.tensor() for k, ft in capsule_file_tensors(capsule).items()}
 
 
-def _header(capsule: Capsule, layout: StateLayout, tensors: Mapping[str, FileTensor]) -> str:
+def _header(capsule: Capsule, layout: StateLayout, tensors: Mapping[str, FileTensor],
+            buffers: Mapping[str, list[memoryview]]) -> str:
     try:
         meta = json.loads(json.dumps(dict(capsule.meta)))
     except (TypeError, ValueError) as e:
@@ -264,7 +267,7 @@ def _header(capsule: Capsule, layout: StateLayout, tensors: Mapping[str, FileTen
         "meta_tensors": sorted(capsule.meta_tensors),
         "journal": [{"source": e.source} for e in capsule.journal],
         "tensors": {k: {"dtype": dtype_name(t.dtype), "shape": list(t.shape),
-                        "sha256": t.sha256()} for k, t in sorted(tensors.items())},
+                        "sha256": _sha256(buffers[k])} for k, t in sorted(tensors.items())},
     }
     return json.dumps(header)  # key order kept: meta round-trips in its own order
 
@@ -303,7 +306,8 @@ def encode_parts(capsule: Capsule, layout: StateLayout, ready: Any = None) -> Pa
         raise CapsuleFileError(f"capsule was made for another layout "
                                f"({capsule.fingerprint.layout} != {layout.digest()})")
     tensors = capsule_file_tensors(capsule, ready)
-    header = _header(capsule, layout, tensors)
+    buffers = {k: t.buffers() for k, t in tensors.items()}   # made once: hashed, then written
+    header = _header(capsule, layout, tensors, buffers)
     entries: dict[str, Any] = {"__metadata__": {
         HEADER_KEY: header, HEADER_SHA_KEY: hashlib.sha256(header.encode()).hexdigest()}}
     # as safetensors orders them: wider dtypes first, so every tensor is aligned in the file
@@ -317,7 +321,7 @@ def encode_parts(capsule: Capsule, layout: StateLayout, ready: Any = None) -> Pa
         entries[key] = {"dtype": code, "shape": list(t.shape),
                         "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
-        parts += t.buffers()
+        parts += buffers[key]
     text = json.dumps(entries, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)   # payload 8-byte aligned, as safetensors writes it
     return Payload([memoryview(struct.pack("<Q", len(text)) + text), *parts])
