@@ -117,7 +117,7 @@ def test_custom_types_roundtrip(tmp_path):
         header=header, stream='front', request_id=3, seq=3, dropped=0, boundary=17,
         stamp_is_receive_time=False, horizon=2, dof=3, names=['x', 'y', 'yaw'], step_period=0.1,
         values=np.arange(6, dtype=np.float32),
-        encode_ms=0.1, restore_ms=0.5, append_ms=1.0, act_ms=2.0, commit_ms=0.25)
+        fetch_ms=0.0, encode_ms=0.1, restore_ms=0.5, append_ms=1.0, act_ms=2.0, commit_ms=0.25)
     items = [('/capsule_node/status', 'capsule_ros/msg/Status', 10,
               bag_io.serialize(status, 'capsule_ros/msg/Status', ts)),
              ('/capsule_node/actions', 'capsule_ros/msg/ActionChunk', 20,
