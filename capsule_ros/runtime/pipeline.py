@@ -39,7 +39,7 @@ from .decode import Head, TextCodec, act_for
 from .engine import Engine, QueryResult
 from .engine import stats as engine_stats
 from .figures import Figures
-from .outcome import ActionOutput, Answer, Failure, Outcome, Publish, TextOutput  # noqa: F401
+from .outcome import Answer, Failure, Outcome, Publish
 from .worker import Job, Scheduler, StreamPolicy
 
 log = logging.getLogger("capsule_ros")
