@@ -4,7 +4,7 @@ Every exportable family's step is exported once per test session (a temp dir); t
 (transformers' modules, eager) is the independent reference:
 * greedy tokens over 16 steps from the same capsule equal the torch backend's;
 * on the ONNX backend: restore after dirtying, then decode, equals the cold run bit for bit; a
-  KV-only restore diverges; fork and rollback equal their cold runs; a capsule saved by one model
+  KV-only restore diverges; fork, rollback and rebase equal their cold runs; a capsule saved by one model
   instance and loaded by another is byte-identical and continues identically;
 * a capsule from another execution path is refused (the part named), and accepted only when the
   node accepts other paths; mismatched export directories are refused with the part named;
@@ -207,6 +207,30 @@ def test_fork_and_rollback_equal_their_cold_runs(exports):
     assert again_c == first_c == cold_ac
 
 
+def test_rebase_equals_its_cold_run(exports):
+    from capsule_ros.status_codes import Code
+    model = _onnx(exports, "lfm2")
+    engine = Engine(model, chunk_size=CHUNK, context_policy="rebase", rebase_window=2)
+    q = [_prompt(model, 40, seed) for seed in range(4)]
+    engine.add_stream("s")
+    for emb in q[:3]:
+        engine.query("s", emb, act=lambda h: h)
+        engine.commit()
+    result = engine.query("s", q[3], act=lambda h: h.clone())  # 120 + 40 > 128: rebase
+    engine.commit()
+    assert [code for code, _ in result.events] == [Code.CONTEXT_REBASED]
+    engine.add_stream("cold")  # the base (empty) + the last two observations + the new one
+    for emb in q[1:3]:
+        engine.query("cold", emb, act=lambda h: h)
+        engine.commit()
+    cold = engine.query("cold", q[3], act=lambda h: h.clone())
+    engine.commit()
+    assert result.position == cold.position == 120
+    assert torch.equal(result.output, cold.output)
+    a, b = engine.boundary("s"), engine.boundary("cold")
+    assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+
+
 def test_saved_capsule_loads_byte_identical_on_another_instance(exports, tmp_path):
     family = "bamba"
     first = _onnx(exports, family)
@@ -300,3 +324,37 @@ def test_bundled_bag_answers_on_onnxruntime_as_on_torch(default_params, demo_bag
         assert (a.stream, a.position, a.seq) == (b.stream, b.position, b.seq)
         torch.testing.assert_close(torch.as_tensor(a.actions), torch.as_tensor(b.actions),
                                    atol=1e-4, rtol=1e-4)
+
+
+# -- the append step (bamba: its chunked scan exports quickly) ------------------------------------
+@pytest.fixture(scope="session")
+def bamba_append(tmp_path_factory) -> Path:
+    from capsule_ros.export.onnx_export import export_model
+    root = tmp_path_factory.mktemp("onnx_append") / "bamba"
+    manifest = export_model(_spec("bamba"), root, append_chunk=CHUNK)
+    assert manifest["graphs"]["append"]["tokens"] == CHUNK, manifest["append"]
+    return root
+
+
+def test_append_step_matches_torch_and_cold_runs_on_chunk_aligned_boundaries(bamba_append):
+    model = OnnxModel.load(bamba_append, MAX_LEN, threads=1)
+    assert model.append_tokens == CHUNK
+    torch_model = HybridModel.load(_spec("bamba"))
+    prompt, more = _prompt(model, 2 * CHUNK, 1), _prompt(model, CHUNK, 2)
+    te = Engine(torch_model, chunk_size=CHUNK)
+    te.add_stream("s")
+    ref_hidden, (ref_tokens, _) = _query_decode(te, "s", torch.cat([prompt, more]))
+
+    engine = Engine(model, chunk_size=CHUNK)
+    engine.add_stream("cold")
+    cold_hidden, (cold_tokens, cold_steps) = _query_decode(engine, "cold", torch.cat([prompt, more]))
+    assert cold_tokens == ref_tokens
+    torch.testing.assert_close(cold_hidden, ref_hidden, atol=1e-4, rtol=1e-4)
+    engine.add_stream("warm")
+    engine.query("warm", prompt, act=lambda h: h)
+    engine.commit()
+    model.live.scrub()
+    engine.invalidate()
+    warm_hidden, (warm_tokens, warm_steps) = _query_decode(engine, "warm", more)
+    assert torch.equal(warm_hidden, cold_hidden) and warm_tokens == cold_tokens
+    assert all(torch.equal(a, b) for a, b in zip(warm_steps, cold_steps))
