@@ -313,8 +313,11 @@ def test_bundled_bag_answers_on_onnxruntime_as_on_torch(default_params, demo_bag
     from capsule_ros.runtime.outcome import Answer
 
     config = load_yaml(default_params)
-    ref = run_offline(config, demo_bag)
-    onnx_config = dataclasses.replace(config, model=dataclasses.replace(config.model, backend="onnxruntime"))
+    ref_pipeline = build_pipeline(config)
+    ref = run_offline(config, demo_bag, ref_pipeline)
+    onnx_config = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, backend="onnxruntime"),
+        capsules=dataclasses.replace(config.capsules, accept_other_execution=True))
     pipeline = build_pipeline(onnx_config, ros_home=str(tmp_path))  # exports the default model once
     assert pipeline.engine.model.execution == "onnxruntime-cpu"
     got = run_offline(onnx_config, demo_bag, pipeline)
@@ -324,6 +327,13 @@ def test_bundled_bag_answers_on_onnxruntime_as_on_torch(default_params, demo_bag
         assert (a.stream, a.position, a.seq) == (b.stream, b.position, b.seq)
         torch.testing.assert_close(torch.as_tensor(a.actions), torch.as_tensor(b.actions),
                                    atol=1e-4, rtol=1e-4)
+    # capsules.accept_other_execution, as build_pipeline wires it: this node takes the torch
+    # node's boundary; the torch node (default: refuse) does not take this one's
+    stream = ref[-1].stream
+    pipeline.engine.install("from_torch", ref_pipeline.engine.boundary(stream))
+    assert pipeline.engine.restore("from_torch") and pipeline.engine.model.position == ref[-1].position
+    with pytest.raises(CapsuleRosError, match="differs in execution"):
+        ref_pipeline.engine.install("from_onnx", pipeline.engine.boundary(stream))
 
 
 # -- the append step (bamba: its chunked scan exports quickly) ------------------------------------

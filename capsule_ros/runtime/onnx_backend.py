@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -159,7 +159,7 @@ class OnnxModel:
         self._logits_mul, self._logits_div = head["logits_mul"], head["logits_div"]
         self._float_logits = bool(head["float_logits"])
 
-    def _parameters(self):
+    def _parameters(self) -> Iterator[torch.Tensor]:
         # the head only: the backbone's weights live inside the graphs
         return iter((self._embed.weight, self._lm_head))
 
