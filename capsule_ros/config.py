@@ -133,9 +133,11 @@ SCHEMA: tuple[Param, ...] = (
           "(background thread)"),
     Param("capsules.reload_at_start", bool, False, "streams start at their persisted boundary"),
     Param("capsules.device_budget_mb", float, 0.0, "device-tier byte budget (MiB); 0 = unlimited",
-          min=0.0),
-    Param("capsules.host_budget_mb", float, 0.0, "host-tier byte budget (MiB); 0 = unlimited", min=0.0),
-    Param("capsules.file_budget_mb", float, 0.0, "file-tier byte budget (MiB); 0 = unlimited", min=0.0),
+          min=0.0, live=True),
+    Param("capsules.host_budget_mb", float, 0.0, "host-tier byte budget (MiB); 0 = unlimited",
+          min=0.0, live=True),
+    Param("capsules.file_budget_mb", float, 0.0, "file-tier byte budget (MiB); 0 = unlimited "
+          "(needs capsules.directory)", min=0.0, live=True),
     Param("capsules.accept_other_execution", bool, False, "restore, load and install capsules "
           "computed on another execution path (eager, graph, lean-cuda, onnxruntime-cpu); "
           "refused by default: other kernels continue a state with other numerics"),

@@ -109,7 +109,8 @@ def test_column_names_must_match_the_dof(doc):
 
 def test_live_parameters_are_few_and_named_in_the_schema():
     assert LIVE == {"capsules.verify_every", "actuation.enabled", "actuation.max_age_ms",
-                    "actuation.max_rate_hz"}
+                    "actuation.max_rate_hz", "capsules.device_budget_mb",
+                    "capsules.host_budget_mb", "capsules.file_budget_mb"}
     assert all(p.description for p in SCHEMA)
 
 

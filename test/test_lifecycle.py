@@ -139,3 +139,23 @@ def test_a_bad_parameter_fails_configure_names_it_and_the_node_stays_up(
             assert rig.node.trigger_configure() == SUCCESS
     finally:
         rig.close()
+
+
+def test_budgets_change_live_or_are_refused_with_the_old_ones_kept(rig):
+    activate(rig.node)
+    wait_matched(rig.ex, rig.client, publishers=[rig.cam, rig.joints])
+    rig.observe(0)
+    engine = rig.node.pipeline.engine
+    [result] = rig.node.set_parameters([Parameter("capsules.host_budget_mb", value=64.0)])
+    assert result.successful, result.reason
+    assert engine.tiers.config.host_bytes == 64 * 2**20
+    # a device budget nothing can meet (no file tier to move the boundaries to): refused, kept
+    results = rig.node.set_parameters_atomically([
+        Parameter("capsules.device_budget_mb", value=0.001),
+        Parameter("capsules.host_budget_mb", value=0.001)])
+    assert not results.successful and "budgets refused" in results.reason
+    assert engine.tiers.config.host_bytes == 64 * 2**20 and engine.tiers.config.device_bytes is None
+    [result] = rig.node.set_parameters([Parameter("capsules.file_budget_mb", value=8.0)])
+    assert not result.successful and "capsules.directory" in result.reason  # none configured
+    rig.observe(1)   # serving goes on under the budget that was accepted
+

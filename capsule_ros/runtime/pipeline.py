@@ -32,6 +32,7 @@ from ..capsule import CapsuleError
 from ..capsule.files import list_capsules, load_capsule, save_capsule
 from ..capsule.persist import Persister
 from ..capsule.places import CapsuleDirs, OwnerLock
+from ..capsule.tiers import TierFiles
 from ..config import ConfigError, NodeConfig, StreamSpec
 from ..status_codes import CapsuleRosError, Code, capsule_code
 from .context import ContextCache
@@ -40,6 +41,7 @@ from .engine import Engine, QueryResult
 from .engine import stats as engine_stats
 from .figures import Figures
 from .outcome import Answer, Failure, Outcome, Publish
+from .tier_policy import TierConfig
 from .worker import Job, Scheduler, StreamPolicy
 
 log = logging.getLogger("capsule_ros")
@@ -181,6 +183,27 @@ class Pipeline:
         out = self.call(lambda: engine_stats(self.engine))
         out["accounting"] = self.scheduler.accounting()
         return out
+
+    def set_budgets(self, device_mb: float, host_mb: float, file_mb: float) -> None:
+        """New tier budgets while serving (MiB, 0 = unlimited), applied on the worker between
+        queries: what is held is brought within them, or they are refused (``CapsuleError``)
+        and the old ones stay."""
+        mb = lambda v: int(v * 2**20) if v else None  # noqa: E731
+        config = TierConfig(mb(device_mb), mb(host_mb), mb(file_mb))
+        files = self.engine.store.files
+        if files is None and self.dirs is not None:
+            files = TierFiles(self.dirs.tiers, self.engine.live.layout)
+        if file_mb and files is None:
+            raise CapsuleError("capsules.file_budget_mb needs capsules.directory (set at configure)")
+
+        def apply() -> None:
+            old = (self.engine.tiers, self.engine.store.files)
+            try:
+                self.engine.configure_tiers(config, files)
+            except Exception:
+                self.engine.tiers, self.engine.store.files = old
+                raise
+        self.call(apply)
 
     def list_streams(self) -> list[str]:
         return self.call(self.engine.store.list)
