@@ -368,3 +368,32 @@ def test_append_step_matches_torch_and_cold_runs_on_chunk_aligned_boundaries(bam
     warm_hidden, (warm_tokens, warm_steps) = _query_decode(engine, "warm", more)
     assert torch.equal(warm_hidden, cold_hidden) and warm_tokens == cold_tokens
     assert all(torch.equal(a, b) for a, b in zip(warm_steps, cold_steps))
+
+
+NO_TRANSFORMERS = r"""
+import sys
+sys.modules["transformers"] = None   # any import of transformers raises ImportError
+from types import SimpleNamespace as NS
+from capsule_ros.config import from_params
+from capsule_ros.runtime.build import build_pipeline
+params = {"model": {"backend": "onnxruntime", "path": sys.argv[1], "max_context": 64},
+          "inputs": {"names": ["arr"], "arr": {"topic": "/arr", "type": "std_msgs/msg/Float32MultiArray",
+                                               "encoder": "float_array", "length": 3}},
+          "streams": {"names": ["s"], "s": {"trigger": "arr",
+                      "head": {"kind": "continuous", "horizon": 2, "dof": 2, "step_period": 0.1}}}}
+pipeline = build_pipeline(from_params(params))
+out = []
+for k in range(3):
+    pipeline.on_message("arr", NS(data=[0.1 * k, 0.2, 0.3]), k, out.append)
+print(" ".join(type(o).__name__ for o in out), pipeline.engine.model.execution)
+"""
+
+
+def test_an_exported_model_runs_with_no_transformers_at_all(exports):
+    """Exported once, run without transformers: the child cannot import it and still answers."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-P", "-c", NO_TRANSFORMERS, str(exports["bamba"])],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["Answer", "Answer", "Answer", "onnxruntime-cpu"]

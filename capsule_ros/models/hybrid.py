@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,8 @@ from ..capsule import BufferSpec, Fingerprint, Kind, LiveState, StateLayout
 from ..capsule.fingerprint import hash_files, hash_text
 from ..runtime.kv_window import KVWindow, MaskMap, causal_mask
 from .registry import family_for
+from .spec import ModelLoadError, ModelSpec, TokenEmbedding, load_tokenizer  # noqa: F401
+from .spec import offline as _offline
 from .torch_kernels import route_cpu_to_torch
 
 log = logging.getLogger("capsule_ros")
@@ -42,39 +43,9 @@ except ImportError as e:  # pragma: no cover - pinned version has them
     raise ImportError("capsule_ros needs transformers>=5.24 (StaticCache with linear-attention layers)") from e
 
 
-class ModelLoadError(Exception):
-    """The model could not be built or loaded; the message names what is missing or wrong."""
-
-
-@dataclass
-class ModelSpec:
-    """Where the model comes from: a shipped config built with a seed, or a local checkpoint."""
-
-    config_file: str | None = None   # JSON: {"model_type": ..., "config": {...}}
-    path: str | None = None          # checkpoint directory (config.json + *.safetensors)
-    seed: int = 0
-    dtype: str = "float32"
-    device: str = "cpu"
-    max_len: int = 4096
-
-    def describe(self) -> str:
-        return f"checkpoint {self.path}" if self.path else f"seeded config {self.config_file} (seed {self.seed})"
-
-
 def _versions() -> str:
     import transformers
     return hash_text(f"torch={torch.__version__};transformers={transformers.__version__};capsule=1")
-
-
-def _offline() -> None:
-    """No network at run time: the hub is offline for this process from the first load on."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    try:  # huggingface_hub reads the variable at import; set its constant too when imported
-        import huggingface_hub.constants as hub_constants
-        hub_constants.HF_HUB_OFFLINE = True
-    except Exception:  # pragma: no cover - hub internals moved; the variables still apply
-        pass
 
 
 def _checkpoint_weights(root: Path) -> list[Path]:
@@ -96,22 +67,6 @@ def _checkpoint_weights(root: Path) -> list[Path]:
         raise ModelLoadError(f"checkpoint {root}: missing weight file model.safetensors "
                              f"(no *.safetensors besides {POLICY_FILE})")
     return weights
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    """The checkpoint's tokenizer when it ships tokenizer files, else None (byte fallback)."""
-    root = Path(path)
-    if not any((root / f).is_file() for f in TOKENIZER_FILES):
-        return None
-    _offline()
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(root, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"checkpoint {root}: tokenizer files present but unusable: {e}") from e
 
 
 def load_transformers_model(spec: ModelSpec) -> tuple[torch.nn.Module, str]:
@@ -160,35 +115,6 @@ def load_transformers_model(spec: ModelSpec) -> tuple[torch.nn.Module, str]:
     else:
         raise ModelLoadError("model: set either path (checkpoint directory) or config_file")
     return model.to(spec.device).eval(), weights_id
-
-
-class TokenEmbedding(torch.nn.Module):
-    """Token ids -> what the base model expects as ``inputs_embeds`` for them.
-
-    The model's own table, times the family's input scale when the base model applies one only on
-    its ``input_ids`` path (Falcon-H1). Looks like an ``nn.Embedding`` to the text encoder
-    (``weight``, ``num_embeddings``, ``embedding_dim``); it owns no parameters of its own.
-    """
-
-    def __init__(self, table: torch.nn.Embedding, scale: float) -> None:
-        super().__init__()
-        self.__dict__["table"] = table  # not a submodule: the table belongs to the model
-        self.scale = float(scale)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.table.weight
-
-    @property
-    def num_embeddings(self) -> int:
-        return self.table.num_embeddings
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.table.embedding_dim
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.table(ids) * self.scale
 
 
 @dataclass

@@ -16,7 +16,7 @@ from ..capsule.persist import Persister
 from ..capsule.places import CapsuleDirs
 from ..capsule.tiers import TierFiles
 from ..config import NodeConfig, resolve
-from ..models import HybridModel, ModelSpec
+from ..models.spec import ModelSpec
 from ..policy.encoders import build_encoder
 from ..policy.heads import build_head
 from ..policy.weights import load_policy_weights, policy_weights_path
@@ -40,7 +40,8 @@ def build_pipeline(config: NodeConfig, node_name: str = "/capsule_node",
     if m.backend == "onnxruntime":
         from .onnx_backend import load_for_node  # onnxruntime is imported only where selected
         model = load_for_node(spec, m.threads, ros_home)
-    else:
+    else:  # transformers is imported only where the torch backend is selected
+        from ..models.hybrid import HybridModel
         model = HybridModel.load(spec)
     if model.live.device.type == "cuda" and m.cuda_graphs:
         model.enable_graphs()  # graph-bound execution: restores copy into captured buffers

@@ -5,14 +5,16 @@ commit), so it lives here beside the engine, not in ``policy/``.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..models import HybridModel
 from ..policy.heads import ContinuousActionHead, TokenSampler
 from .engine import Engine
 from .outcome import ActionOutput, TextOutput
+
+if TYPE_CHECKING:
+    from ..models.hybrid import HybridModel
 
 Head = ContinuousActionHead | TokenSampler
 

@@ -31,17 +31,19 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
 
 import torch
 
 from ..capsule import Capsule, CapsuleError, CapsuleStore, JournalEntry
 from ..capsule import capsule as capsule_ops
 from ..capsule.tiers import TierFiles
-from ..models.hybrid import HybridModel
 from ..status_codes import CapsuleRosError, Code
 from .tier_policy import TierConfig, TierPolicy
 from .verify import VerifyReport, compare_capsules
+
+if TYPE_CHECKING:  # the engine runs any model with this interface (torch or ONNX Runtime)
+    from ..models.hybrid import HybridModel
 
 T = TypeVar("T")
 POLICIES = ("refuse", "reset", "rebase")

@@ -33,7 +33,7 @@ from ..capsule import Fingerprint, Kind, LiveState
 from ..capsule.layout import region_key
 from ..export.manifest import (FINGERPRINT, HEAD, Export, ExportMismatch, read_export,
                                with_max_len)
-from ..models.hybrid import ModelLoadError, TokenEmbedding, load_tokenizer
+from ..models.spec import ModelLoadError, TokenEmbedding, load_tokenizer
 
 _NP = {torch.float32: "float32", torch.int64: "int64"}
 
