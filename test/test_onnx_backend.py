@@ -397,3 +397,26 @@ def test_an_exported_model_runs_with_no_transformers_at_all(exports):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["Answer", "Answer", "Answer", "onnxruntime-cpu"]
+
+
+@pytest.mark.ros
+def test_the_managed_node_answers_on_the_onnx_backend(exports, ros, default_params):
+    """The node as a robot runs it (lifecycle, best-effort camera and joint states), with
+    ``model.backend: onnxruntime`` and ``model.path`` naming an export."""
+    from rclpy.parameter import Parameter
+
+    from rosutil import activate, wait_matched
+    from test_lifecycle import Rig
+    rig = Rig(ros, default_params, overrides=[
+        Parameter("model.backend", value="onnxruntime"),
+        Parameter("model.path", value=str(exports["bamba"]))])
+    try:
+        activate(rig.node)
+        assert rig.node.pipeline.engine.model.execution == "onnxruntime-cpu"
+        wait_matched(rig.ex, rig.client, publishers=[rig.cam, rig.joints])
+        for k in range(2):
+            rig.observe(k)
+        assert [a.request_id for a in rig.actions] == [1, 2] and rig.statuses == []
+        assert rig.actions[1].boundary > rig.actions[0].boundary
+    finally:
+        rig.close()
