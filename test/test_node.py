@@ -72,13 +72,18 @@ class Harness:
             spin_until(self.ex, lambda: self.answers() > before, 30, f"answer to {topic}")
 
     def trigger(self, stream: str, k: int) -> None:
-        """The k-th observation of a stream: its joint state, then its camera image."""
+        """The k-th observation of a stream: its joint state, then its camera image, both
+        stamped with the next second of this harness's clock (stamps only ever grow, as a
+        robot's do; the content depends on ``stream`` and ``k`` alone)."""
+        self.clock_s = getattr(self, "clock_s", 99) + 1
+        stamp = Time(sec=self.clock_s, nanosec=0)
         if stream == "front":
-            self.send(JOINTS, joints(k), expect_answer=False)
-            self.send(FRONT, image(64, 48, k))
+            joint, frame, topic = joints(k), image(64, 48, k), FRONT
         else:
-            self.send(JOINTS, joints(500 + k), expect_answer=False)
-            self.send(WRIST, image(48, 48, 1000 + k))
+            joint, frame, topic = joints(500 + k), image(48, 48, 1000 + k), WRIST
+        joint.header.stamp = frame.header.stamp = stamp
+        self.send(JOINTS, joint, expect_answer=False)
+        self.send(topic, frame)
 
     def close(self) -> None:
         self.node.pipeline.close()  # what the node's shutdown does: flush capsule writes
@@ -123,7 +128,7 @@ def test_trigger_gives_action_on_its_stream(default_params):
         assert [s.text for s in h.statuses] == []
         front, wrist = h.actions
         assert (front.stream, front.request_id, wrist.stream, wrist.request_id) == ("front", 1, "wrist", 1)
-        assert front.header.stamp.sec == 101 and not front.stamp_is_receive_time
+        assert front.header.stamp.sec == 100 and not front.stamp_is_receive_time
         assert (front.horizon, front.dof, len(front.values)) == (8, 7, 56)
         assert front.boundary == 16 + 1  # 4x4 image patches + one joint-state token
         assert np.all(np.isfinite(front.values)) and front.append_ms > 0

@@ -187,3 +187,19 @@ def test_a_refused_message_is_received_and_rejected():
     s.add_stream("cam", StreamPolicy())
     s.refuse("cam", "rejected")
     assert s.accounting()["cam"]["rejected"] == 1 and balanced(s.accounting())
+
+
+def test_jobs_handed_on_out_of_order_wait_in_stamp_order():
+    """Callbacks on several executor threads may hand on out of order: latest keeps the newest
+    stamp whatever came last, fifo runs by stamp."""
+    rec = Recorder()
+    s = Scheduler(answer, rec, now_ns=lambda: 0)
+    s.add_stream("cam", StreamPolicy("latest"))
+    s.add_stream("arm", StreamPolicy("fifo", depth=10))
+    for stamp in (3, 1, 2):
+        s.submit(job("cam", stamp))
+        s.submit(job("arm", stamp))
+    s.drain()
+    assert [a.stamp_ns for a in rec.answers() if a.stream == "cam"] == [3]
+    assert [a.stamp_ns for a in rec.answers() if a.stream == "arm"] == [1, 2, 3]
+    assert s.accounting()["cam"]["superseded"] == 2 and balanced(s.accounting())

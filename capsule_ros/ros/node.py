@@ -29,13 +29,14 @@ Parameters are declared with descriptors (``ros2 param describe``); their one ho
 from __future__ import annotations
 
 import json
+import threading
 import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
 
 import rclpy
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
@@ -138,11 +139,14 @@ class CapsuleNode(LifecycleNode):
         self._pubs: list[Any] = []
         self._subs: list[Any] = []
         self._service = None
-        # Inputs hand on in one group, one callback at a time: measured with 4 inputs, a group
-        # per input let the executor threads and the worker convoy on the interpreter lock
-        # (answers fell from 478 to 41 of 480 at 4 x 10 Hz, bench/ros_latency.py). Services
-        # answer in their own group, on another executor thread, while a query runs.
-        self._inputs_group = MutuallyExclusiveCallbackGroup()
+        # Inputs hand on one callback at a time (a lock), but from a reentrant group: rclpy's
+        # multi-threaded executor passes over a ready subscription whose mutually exclusive
+        # group is busy and may not look at it again until some other event (a lockstep replay
+        # lost context that way); and one callback at a time, because a group per input let the
+        # executor threads and the worker convoy on the interpreter lock (41 of 480 answered at
+        # 4 x 10 Hz, bench/ros_latency.py). Services answer in their own group meanwhile.
+        self._inputs_group = ReentrantCallbackGroup()
+        self._inputs_lock = threading.Lock()
         self._services_group = ReentrantCallbackGroup()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -265,7 +269,10 @@ class CapsuleNode(LifecycleNode):
         _free_device_memory()
 
     def _subscribe_all(self) -> None:
-        for spec in self.config.inputs.values():
+        # context inputs first: when messages of several inputs are ready together, the
+        # executor serves subscriptions in creation order
+        triggers = {s.trigger for s in self.config.streams.values()}
+        for spec in sorted(self.config.inputs.values(), key=lambda i: i.name in triggers):
             self._subs.append(self.create_subscription(
                 import_type(spec.type), spec.topic,
                 lambda msg, name=spec.name: self._on_input(name, msg), input_qos(spec),
@@ -313,8 +320,10 @@ class CapsuleNode(LifecycleNode):
         return self.get_clock().now().nanoseconds
 
     def _on_input(self, input_name: str, msg: Any) -> None:
+        receive_ns = self._now_ns()
         try:
-            self.pipeline.on_message(input_name, msg, self._now_ns())
+            with self._inputs_lock:
+                self.pipeline.on_message(input_name, msg, receive_ns)
         except Exception as e:  # nothing may end the executor: a status, and serve on
             self._callback_failed(f"input {input_name}", e)
 
@@ -324,10 +333,12 @@ class CapsuleNode(LifecycleNode):
 
     def _on_query(self, msg: Query) -> None:
         stamp = msg.header.stamp
+        receive_ns = self._now_ns()
         try:
-            self.pipeline.query(msg.stream, msg.request_id, msg.instruction, msg.input,
-                                stamp_ns=stamp.sec * 1_000_000_000 + stamp.nanosec,
-                                receive_ns=self._now_ns())
+            with self._inputs_lock:
+                self.pipeline.query(msg.stream, msg.request_id, msg.instruction, msg.input,
+                                    stamp_ns=stamp.sec * 1_000_000_000 + stamp.nanosec,
+                                    receive_ns=receive_ns)
         except Exception as e:  # nothing may end the executor
             self._callback_failed("~/query", e)
 

@@ -112,17 +112,26 @@ class Scheduler:
 
     # -- handing on (callbacks) -----------------------------------------------------------------
     def submit(self, job: Job) -> None:
-        """Queue ``job`` under its stream's policy; what it displaces is accounted at once."""
+        """Queue ``job`` under its stream's policy; what it displaces is accounted at once.
+        A stream's jobs wait in stamp order (callbacks on several executor threads may hand on
+        out of order): ``latest`` keeps only the newest stamp, ``fifo`` drops the oldest."""
         with self._cond:
             s = self._streams[job.stream]
             s.counts["received"] += 1
             displaced: list[tuple[Job, str]] = []
             if s.policy.queue == "latest":
-                displaced = [(old, "superseded") for old in s.queue]
-                s.queue.clear()
-            elif len(s.queue) >= s.policy.depth:
-                displaced = [(s.queue.popleft(), "overflowed")]
-            s.queue.append(job)
+                if any(old.stamp_ns > job.stamp_ns for old in s.queue):
+                    displaced = [(job, "superseded")]   # a newer one already waits
+                else:
+                    displaced = [(old, "superseded") for old in s.queue]
+                    s.queue.clear()
+                    s.queue.append(job)
+            else:
+                at = next((i for i, old in enumerate(s.queue) if old.stamp_ns > job.stamp_ns),
+                          len(s.queue))
+                s.queue.insert(at, job)
+                if len(s.queue) > s.policy.depth:
+                    displaced = [(s.queue.popleft(), "overflowed")]
             for old, why in displaced:
                 self._count_drop(s, why)
             self._cond.notify_all()
