@@ -29,14 +29,13 @@ Parameters are declared with descriptors (``ros2 param describe``); their one ho
 from __future__ import annotations
 
 import json
-import threading
 import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
 
 import rclpy
-from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
@@ -139,14 +138,11 @@ class CapsuleNode(LifecycleNode):
         self._pubs: list[Any] = []
         self._subs: list[Any] = []
         self._service = None
-        # Inputs hand on one callback at a time (a lock), but from a reentrant group: rclpy's
-        # multi-threaded executor passes over a ready subscription whose mutually exclusive
-        # group is busy and may not look at it again until some other event (a lockstep replay
-        # lost context that way); and one callback at a time, because a group per input let the
-        # executor threads and the worker convoy on the interpreter lock (41 of 480 answered at
-        # 4 x 10 Hz, bench/ros_latency.py). Services answer in their own group meanwhile.
-        self._inputs_group = ReentrantCallbackGroup()
-        self._inputs_lock = threading.Lock()
+        # Inputs hand on in one group, one callback at a time (measured, bench/ros_latency.py:
+        # a group per input let the executor threads and the worker convoy on the interpreter
+        # lock, 41 of 480 answered at 4 x 10 Hz against 600 of 600; a reentrant group under a
+        # lock collapsed the same way). Services answer in their own group meanwhile.
+        self._inputs_group = MutuallyExclusiveCallbackGroup()
         self._services_group = ReentrantCallbackGroup()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -270,7 +266,9 @@ class CapsuleNode(LifecycleNode):
 
     def _subscribe_all(self) -> None:
         # context inputs first: when messages of several inputs are ready together, the
-        # executor serves subscriptions in creation order
+        # executor serves subscriptions in creation order, and a trigger taken before its
+        # context could find the group busy and the context not looked at again in time
+        # (a lockstep replay lost context when the camera was subscribed first)
         triggers = {s.trigger for s in self.config.streams.values()}
         for spec in sorted(self.config.inputs.values(), key=lambda i: i.name in triggers):
             self._subs.append(self.create_subscription(
@@ -322,8 +320,7 @@ class CapsuleNode(LifecycleNode):
     def _on_input(self, input_name: str, msg: Any) -> None:
         receive_ns = self._now_ns()
         try:
-            with self._inputs_lock:
-                self.pipeline.on_message(input_name, msg, receive_ns)
+            self.pipeline.on_message(input_name, msg, receive_ns)
         except Exception as e:  # nothing may end the executor: a status, and serve on
             self._callback_failed(f"input {input_name}", e)
 
@@ -335,10 +332,9 @@ class CapsuleNode(LifecycleNode):
         stamp = msg.header.stamp
         receive_ns = self._now_ns()
         try:
-            with self._inputs_lock:
-                self.pipeline.query(msg.stream, msg.request_id, msg.instruction, msg.input,
-                                    stamp_ns=stamp.sec * 1_000_000_000 + stamp.nanosec,
-                                    receive_ns=receive_ns)
+            self.pipeline.query(msg.stream, msg.request_id, msg.instruction, msg.input,
+                                stamp_ns=stamp.sec * 1_000_000_000 + stamp.nanosec,
+                                receive_ns=receive_ns)
         except Exception as e:  # nothing may end the executor
             self._callback_failed("~/query", e)
 
