@@ -58,6 +58,7 @@ from .convert import import_type, time_msg, to_action_chunk, to_status, to_text_
 from .diagnostics import Diagnostics
 from .params import NodeParameters
 
+RECHECK_S = 0.01   # how often the executor looks again at inputs passed over (see _subscribe_all)
 BUDGETS = ("capsules.device_budget_mb", "capsules.host_budget_mb", "capsules.file_budget_mb")
 ANSWER_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE,
                         history=HistoryPolicy.KEEP_LAST)
@@ -279,10 +280,20 @@ class CapsuleNode(LifecycleNode):
         self._subs.append(self.create_subscription(Query, "~/query", self._on_query, ANSWER_QOS,
                                                    callback_group=self._inputs_group))
 
+        # rclpy's multi-threaded executor passes over a ready subscription whose group is busy
+        # and looks again only when something else wakes it: a context message that arrived
+        # while a trigger's callback ran could wait past the pairing window (a lockstep replay
+        # across rebases paired an older joint state). A 10 ms timer is that something.
+        self._wake_timer = self.create_timer(RECHECK_S, lambda: None,
+                                             callback_group=self._services_group)
+
     def _unsubscribe_all(self) -> None:
         for sub in self._subs:
             self.destroy_subscription(sub)
         self._subs = []
+        if getattr(self, "_wake_timer", None) is not None:
+            self.destroy_timer(self._wake_timer)
+            self._wake_timer = None
 
     # -- parameters ---------------------------------------------------------------------------
     def _guard_parameters(self, params: list[Parameter]):
