@@ -111,7 +111,7 @@ def test_disk_full_save_is_coded_and_the_pipeline_keeps_serving(tmp_path, monkey
         before = (tmp_path / "saved" / "keep.capsule.safetensors").read_bytes()
         feed(p, 0.2)
 
-        def full(tmp, data):
+        def full(tmp, data, pause=None):
             raise OSError(errno.ENOSPC, "No space left on device")
         monkeypatch.setattr(files, "_write_tmp", full)
         with pytest.raises(CapsuleError) as e:

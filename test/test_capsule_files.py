@@ -17,6 +17,7 @@ import torch
 from capsule_ros.capsule import CapsuleError, CapsuleNotFound
 from capsule_ros.capsule import files
 from capsule_ros.capsule.persist import Persister
+from capsule_ros.capsule.quiet import QuietGate
 from capsule_ros.capsule.tiers import copy_capsule
 from capsule_ros.models.hybrid import HybridModel, ModelSpec
 from capsule_ros.runtime.engine import Engine
@@ -189,6 +190,59 @@ def test_bad_files_refused_and_nothing_changes(setup, tmp_path):
     assert digest(engine.store.current("c")) == digest(capsule)
     engine.drop("b")
     engine.drop("c")
+
+
+def until(predicate, timeout: float = 30.0) -> bool:
+    import time
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_a_save_in_slices_pauses_before_each_and_writes_the_same_bytes(setup, tmp_path, monkeypatch):
+    model, engine, capsule = setup
+    layout = model.live.layout
+    plain = files.save_capsule(capsule, tmp_path / "plain", "a", layout).read_bytes()
+    monkeypatch.setattr(files, "SLICE_BYTES", 1024)
+    calls = []
+    path = files.save_capsule(capsule, tmp_path / "sliced", "a", layout, pause=lambda: calls.append(1))
+    assert path.read_bytes() == plain
+    tensor_bytes = sum(t.nbytes for t in files.capsule_file_tensors(capsule).values())
+    assert tensor_bytes > 8 * 1024
+    # every 1 KiB of tensor data is hashed once and written once, each after a pause
+    assert len(calls) >= 2 * tensor_bytes // 1024
+
+
+def test_the_persister_holds_off_while_the_query_path_is_busy(setup, tmp_path):
+    model, engine, capsule = setup
+    layout, fp = model.live.layout, model.fingerprint
+    gate = QuietGate()
+    gate.busy()                                   # a query is in hand
+    with Persister(tmp_path, layout, gate=gate, max_defer_s=600) as p:
+        p.submit("a", capsule)
+        assert until(lambda: gate.waiting() == 1)  # the writer waits before its first slice
+        assert p.pending() == 1 and not (tmp_path / "a.capsule.safetensors").exists()
+        gate.quiet()                              # the query is done
+        assert p.flush(timeout=60)
+        assert p.stats()["saved"] == 1
+    got = Persister(tmp_path, layout).load_all(fp, ["a"])
+    assert digest(got["a"]) == digest(capsule)
+    assert gate.stats()["pauses"] >= 1 and gate.stats()["deadline_passes"] == 0
+
+
+def test_a_persister_kept_waiting_past_its_deadline_writes_anyway(setup, tmp_path):
+    model, engine, capsule = setup
+    gate = QuietGate()
+    gate.busy()                                   # queries never stop
+    with Persister(tmp_path, model.live.layout, gate=gate, max_defer_s=0.0) as p:
+        p.submit("a", capsule)
+        assert p.flush(timeout=60)
+        assert p.stats()["saved"] == 1 and p.stats()["failed"] == 0
+    assert (tmp_path / "a.capsule.safetensors").exists()
+    assert gate.stats()["deadline_passes"] >= 1
 
 
 def test_persister_latest_wins_and_load_all(setup, tmp_path):

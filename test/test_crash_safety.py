@@ -66,7 +66,7 @@ from capsule_ros.capsule import files
 
 def kill_after(step):
     if step == "mid":
-        def half(tmp, data):
+        def half(tmp, data, pause=None):
             files.__dict__["_orig_write"](tmp, data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
         files._orig_write = files._write_tmp

@@ -203,3 +203,30 @@ def test_jobs_handed_on_out_of_order_wait_in_stamp_order():
     assert [a.stamp_ns for a in rec.answers() if a.stream == "cam"] == [3]
     assert [a.stamp_ns for a in rec.answers() if a.stream == "arm"] == [1, 2, 3]
     assert s.accounting()["cam"]["superseded"] == 2 and balanced(s.accounting())
+
+
+def test_the_writers_gate_is_busy_while_a_job_is_in_hand_and_quiet_when_none_is():
+    release, started = threading.Event(), threading.Event()
+    seen = []
+
+    def run(j, seq, dropped):
+        seen.append(s.gate.is_quiet())
+        started.set()
+        release.wait(10)
+        return answer(j, seq, dropped)
+    s = Scheduler(run, Recorder(), now_ns=lambda: 0)
+    s.add_stream("cam", StreamPolicy("fifo"))
+    s.start()
+    try:
+        assert s.gate.wait_quiet(10)             # nothing queued: writers may go
+        s.submit(job("cam", 1))
+        assert started.wait(10)
+        assert not s.gate.is_quiet()             # a query runs: writers hold off
+        s.submit(job("cam", 2))
+        release.set()
+        assert s.wait_idle(10)
+        assert s.gate.wait_quiet(10)             # both answered: quiet again
+    finally:
+        s.stop()
+    assert seen == [False, False]
+    assert s.gate.is_quiet()

@@ -37,7 +37,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -46,6 +46,11 @@ from .errors import CapsuleError, CapsuleFileError, CapsuleNotFound, CapsuleWrit
 from .fingerprint import Fingerprint
 from .layout import Kind, StateLayout, dtype_from_name, dtype_name, region_key
 from .names import check_name
+from .quiet import SLICE_BYTES
+
+# Called by a writer between slices of its hashing and writing (a background writer's wait for a
+# quiet query path, ``quiet.QuietGate``); None: go straight through.
+Pause = Callable[[], None] | None
 
 FORMAT = "capsule_ros.capsule"
 FORMAT_VERSION = 1
@@ -186,10 +191,21 @@ class FileTensor:
         return torch.cat([c.reshape(-1) for c in self.chunks]).reshape(self.shape)
 
 
-def _sha256(buffers: list[memoryview]) -> str:
+def _slices(view: memoryview, pause: Pause) -> Iterator[memoryview]:
+    """``view`` in pieces of ``SLICE_BYTES``, ``pause()`` before each (whole without a pause)."""
+    if pause is None:
+        yield view
+        return
+    for at in range(0, len(view), SLICE_BYTES):
+        pause()
+        yield view[at:at + SLICE_BYTES]
+
+
+def _sha256(buffers: list[memoryview], pause: Pause = None) -> str:
     h = hashlib.sha256()
     for b in buffers:
-        h.update(b)   # hashlib releases the GIL on buffers of 2 KiB and more
+        for piece in _slices(b, pause):
+            h.update(piece)   # hashlib releases the GIL on buffers of 2 KiB and more
     return h.hexdigest()
 
 
@@ -252,7 +268,7 @@ def capsule_tensors(capsule: Capsule) -> dict[str, torch.Tensor]:
 
 
 def _header(capsule: Capsule, layout: StateLayout, tensors: Mapping[str, FileTensor],
-            buffers: Mapping[str, list[memoryview]]) -> str:
+            buffers: Mapping[str, list[memoryview]], pause: Pause = None) -> str:
     try:
         meta = json.loads(json.dumps(dict(capsule.meta)))
     except (TypeError, ValueError) as e:
@@ -267,7 +283,7 @@ def _header(capsule: Capsule, layout: StateLayout, tensors: Mapping[str, FileTen
         "meta_tensors": sorted(capsule.meta_tensors),
         "journal": [{"source": e.source} for e in capsule.journal],
         "tensors": {k: {"dtype": dtype_name(t.dtype), "shape": list(t.shape),
-                        "sha256": _sha256(buffers[k])} for k, t in sorted(tensors.items())},
+                        "sha256": _sha256(buffers[k], pause)} for k, t in sorted(tensors.items())},
     }
     return json.dumps(header)  # key order kept: meta round-trips in its own order
 
@@ -298,7 +314,8 @@ class Payload:
         return b"".join(self.parts)
 
 
-def encode_parts(capsule: Capsule, layout: StateLayout, ready: Any = None) -> Payload:
+def encode_parts(capsule: Capsule, layout: StateLayout, ready: Any = None,
+                 pause: Pause = None) -> Payload:
     """The bytes of a capsule file: a safetensors file (8-byte header length, JSON header with
     the capsule header in ``__metadata__``, tensor data) built over the tensors' own buffers.
     The heavy work (device copies, sha256, later the writes) runs outside the interpreter lock."""
@@ -307,7 +324,7 @@ def encode_parts(capsule: Capsule, layout: StateLayout, ready: Any = None) -> Pa
                                f"({capsule.fingerprint.layout} != {layout.digest()})")
     tensors = capsule_file_tensors(capsule, ready)
     buffers = {k: t.buffers() for k, t in tensors.items()}   # made once: hashed, then written
-    header = _header(capsule, layout, tensors, buffers)
+    header = _header(capsule, layout, tensors, buffers, pause)
     entries: dict[str, Any] = {"__metadata__": {
         HEADER_KEY: header, HEADER_SHA_KEY: hashlib.sha256(header.encode()).hexdigest()}}
     # as safetensors orders them: wider dtypes first, so every tensor is aligned in the file
@@ -333,14 +350,14 @@ def encode_capsule(capsule: Capsule, layout: StateLayout) -> bytes:
 
 
 # -- save ----------------------------------------------------------------------------------
-def _write_tmp(tmp: Path, data: Payload | bytes) -> None:
+def _write_tmp(tmp: Path, data: Payload | bytes, pause: Pause = None) -> None:
     # O_EXCL: a temp name is one writer's; never truncate someone else's file
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         for part in (data.parts if isinstance(data, Payload) else [memoryview(data)]):
-            view = part
-            while view:
-                view = view[os.write(fd, view):]   # releases the GIL for the copy into the kernel
+            for view in _slices(part, pause):
+                while view:
+                    view = view[os.write(fd, view):]   # releases the GIL for the copy into the kernel
     finally:
         os.close(fd)
 
@@ -366,20 +383,24 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def save_capsule(capsule: Capsule, directory: str | os.PathLike, name: str,
-                 layout: StateLayout, *, ready: Any = None) -> Path:
+                 layout: StateLayout, *, ready: Any = None, pause: Pause = None) -> Path:
     """Write ``capsule`` as ``directory/<name>.capsule.safetensors`` atomically; return the path.
     ``ready``: a CUDA event recorded once the capsule's device tensors were written (the
-    persister's), letting the device-to-host copies run on a side stream.
+    persister's), letting the device-to-host copies run on a side stream. ``pause``: called
+    between slices of the hashing and the writing (a background writer waits there for a quiet
+    query path).
 
     A failure raises ``CapsuleWriteError`` (a full disk) or ``CapsuleFileError`` and leaves any
     previous file of that name intact."""
     root = Path(directory)
     path = capsule_path(root, name)
-    data = encode_parts(capsule, layout, ready)
+    data = encode_parts(capsule, layout, ready, pause)
     tmp = root / f"{_tmp_prefix(name)}{os.getpid()}.{next(_tmp_counter)}{TMP_SUFFIX}"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        _write_tmp(tmp, data)
+        _write_tmp(tmp, data, pause)
+        if pause is not None:
+            pause()   # the flush to disk begins between queries too
         _fsync_file(tmp)
         _rename(tmp, path)
         _fsync_dir(root)

@@ -13,7 +13,11 @@ event). The writer hashes and writes the capsule's own CPU buffers (``files.enco
 joined copy, no large allocation; sha256 and ``os.write`` release the interpreter lock), copies
 device tensors on a side stream, and runs at a lower CPU priority than the query path
 (``nice``), so on a small CPU the worker is scheduled first; the short stretches where it holds
-the interpreter lock are Python bookkeeping, microseconds per tensor.
+the interpreter lock are Python bookkeeping, microseconds per tensor. With a ``gate``
+(``quiet.QuietGate``, the scheduler's) it hashes and writes in slices and waits before each one
+until no query runs or waits, at most ``max_defer_s`` after the stream's oldest unwritten commit:
+a query overlaps at most one slice of it (that overlap, not the interpreter lock, was what cost
+a query time: see ``quiet``). ``lag_ms_max`` is the longest a commit waited to be on disk.
 
 ``flush()`` waits until everything submitted so far is on disk; ``close()`` flushes and stops the
 writer. ``load_all(expected, names)`` reads the named streams back, verified (files of other
@@ -38,6 +42,7 @@ from .files import clean_stale_temps, load_capsule, save_capsule
 from .fingerprint import Fingerprint
 from .layout import StateLayout
 from .names import check_name
+from .quiet import MAX_DEFER_S, QuietGate
 
 log = logging.getLogger(__name__)
 
@@ -73,20 +78,24 @@ def _lower_priority(nice: int) -> None:
 class Persister:
     def __init__(self, directory: str | os.PathLike, layout: StateLayout, *,
                  on_error: Callable[[str, Exception], None] | None = None,
-                 nice: int = NICE) -> None:
+                 nice: int = NICE, gate: QuietGate | None = None,
+                 max_defer_s: float = MAX_DEFER_S) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.cleaned = clean_stale_temps(self.directory)   # a crashed writer's leftovers
         self.layout = layout
         self.on_error = on_error
         self.nice = nice
+        self.gate = gate
+        self.max_defer_s = max_defer_s
         self.counters = {"submitted": 0, "saved": 0, "superseded": 0, "failed": 0,
                          "bytes_written": 0, "save_ms_last": 0.0, "save_ms_max": 0.0,
-                         "save_ms_total": 0.0}
+                         "save_ms_total": 0.0, "lag_ms_max": 0.0}
         self.errors: dict[str, str] = {}           # stream -> last save error
         self.refused: dict[str, str] = {}          # file name -> why load_all refused it
-        # waiting to be written, newest per stream: (capsule, CUDA event or None)
-        self._latest: dict[str, tuple[Capsule, Any]] = {}
+        # waiting to be written, newest per stream: (capsule, CUDA event or None, when the
+        # oldest commit it stands for was submitted)
+        self._latest: dict[str, tuple[Capsule, Any, float]] = {}
         self._cond = threading.Condition()
         self._busy = 0                             # capsules being written right now
         self._closed = False
@@ -100,12 +109,14 @@ class Persister:
         if capsule is None:
             return
         ready = _ready_event(capsule)
+        now = time.monotonic()
         with self._cond:
             if self._closed:
                 raise CapsuleError("persister is closed")
             if stream in self._latest:
                 self.counters["superseded"] += 1
-            self._latest[stream] = (capsule, ready)
+                now = self._latest[stream][2]   # the deferral counts from the oldest commit
+            self._latest[stream] = (capsule, ready, now)
             self.counters["submitted"] += 1
             self._cond.notify_all()
 
@@ -151,11 +162,17 @@ class Persister:
                 if not self._latest and self._closed:
                     return
                 stream = next(iter(self._latest))
-                capsule, ready = self._latest.pop(stream)
+                capsule, ready, since = self._latest.pop(stream)
                 self._busy += 1
+                closing = self._closed
             t0 = time.perf_counter()
+            pause = None
+            if self.gate is not None and not closing:
+                gate, deadline = self.gate, since + self.max_defer_s
+                pause = lambda: gate.pause(deadline)  # noqa: E731
             try:
-                path = save_capsule(capsule, self.directory, stream, self.layout, ready=ready)
+                path = save_capsule(capsule, self.directory, stream, self.layout, ready=ready,
+                                    pause=pause)
                 size = path.stat().st_size
             except Exception as e:  # a full disk must not take the node down
                 with self._cond:
@@ -175,6 +192,8 @@ class Persister:
                     self.counters["save_ms_total"] += ms
                     self.counters["save_ms_last"] = ms
                     self.counters["save_ms_max"] = max(self.counters["save_ms_max"], ms)
+                    self.counters["lag_ms_max"] = max(self.counters["lag_ms_max"],
+                                                      (time.monotonic() - since) * 1e3)
                     self.errors.pop(stream, None)
             finally:
                 with self._cond:

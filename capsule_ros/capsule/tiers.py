@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 from types import MappingProxyType
+from typing import Callable
 
 import torch
 
@@ -25,6 +26,7 @@ from .capsule import Capsule, JournalEntry, KVSegment
 from .files import SUFFIX, clean_stale_temps, load_capsule, save_capsule
 from .fingerprint import Fingerprint
 from .layout import StateLayout
+from .quiet import MAX_DEFER_S, QuietGate
 
 
 class Tier(str, enum.Enum):
@@ -96,12 +98,16 @@ class TierFiles:
     * ``prefetch`` reads and verifies a file on the I/O thread ahead of need (reads go before
       writes); a ``read`` takes the prefetched capsule, waits for one in flight (``waits``,
       ``wait_ms``), or, on a cold miss, reads the file itself (``reads_inline``).
+    * with a ``gate`` (``quiet.QuietGate``) a write is done in slices that wait for a quiet query
+      path, as the persister's (``quiet.MAX_DEFER_S`` at most); not while a read is asked for.
     """
 
     PREFETCH_KEEP = 8   # prefetched capsules kept unclaimed at most (oldest dropped)
 
-    def __init__(self, directory: str | os.PathLike, layout: StateLayout) -> None:
+    def __init__(self, directory: str | os.PathLike, layout: StateLayout,
+                 gate: QuietGate | None = None) -> None:
         self.directory = Path(directory)
+        self.gate = gate
         self.directory.mkdir(parents=True, exist_ok=True)
         self.layout = layout
         clean_stale_temps(self.directory)
@@ -111,6 +117,7 @@ class TierFiles:
                          "waits": 0, "wait_ms": 0.0, "reads_inline": 0, "reads_from_memory": 0}
         self._cond = threading.Condition()
         self._writing: dict[Path, Capsule] = {}        # written behind, not on disk yet
+        self._since: dict[Path, float] = {}            # when each write was asked for
         self._kept: dict[Path, Capsule] = {}           # a write failed: kept in memory instead
         self._removed: set[Path] = set()               # removed while still being written
         self._reads: dict[Path, tuple] = {}            # prefetch requests (fingerprint, id)
@@ -126,6 +133,7 @@ class TierFiles:
         path = self.directory / f"{TIER_FILE_PREFIX}{capsule.id}{SUFFIX}"
         with self._cond:
             self._writing[path] = capsule
+            self._since[path] = time.monotonic()
             self._removed.discard(path)
             self._cond.notify_all()
         return path
@@ -237,17 +245,31 @@ class TierFiles:
             while len(self._ready) > self.PREFETCH_KEEP:
                 self._ready.pop(next(iter(self._ready)))
 
+    def _pause_for(self, path: Path) -> Callable[[], None] | None:
+        """Between slices of a write: wait for a quiet query path, unless a read is asked for
+        (a query may be waiting for it: finish this write and go to it)."""
+        if self.gate is None:
+            return None
+        gate, deadline = self.gate, self._since.get(path, 0.0) + MAX_DEFER_S
+
+        def pause() -> None:
+            if not self._reads:
+                gate.pause(deadline)
+        return pause
+
     def _do_write(self, path: Path, capsule: Capsule) -> None:
         with self._cond:
             removed = path in self._removed
         failed = False
         if not removed:
             try:
-                save_capsule(capsule, self.directory, path.name[:-len(SUFFIX)], self.layout)
+                save_capsule(capsule, self.directory, path.name[:-len(SUFFIX)], self.layout,
+                             pause=self._pause_for(path))
             except Exception:  # noqa: BLE001 - e.g. disk full: kept in memory, nothing lost
                 failed = True
         with self._cond:
             self._writing.pop(path, None)
+            self._since.pop(path, None)
             if failed:
                 self.counters["write_failures"] += 1
                 self._kept[path] = capsule

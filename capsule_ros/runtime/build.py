@@ -87,9 +87,11 @@ def open_files(pipeline: Pipeline, node_name: str, ros_home: str | None = None) 
     pipeline.dirs = CapsuleDirs.of(caps.directory, node_name, ros_home)
     pipeline.owner = pipeline.dirs.claim()
     clean_stale_temps(pipeline.dirs.saved)
-    configure_tiers(engine, caps, TierFiles(pipeline.dirs.tiers, layout))
+    # both writers hold off while the worker has a query in hand (capsule.quiet)
+    gate = pipeline.scheduler.gate
+    configure_tiers(engine, caps, TierFiles(pipeline.dirs.tiers, layout, gate))
     if caps.persist_on_commit or caps.reload_at_start:
-        pipeline.persister = Persister(pipeline.dirs.streams, layout)
+        pipeline.persister = Persister(pipeline.dirs.streams, layout, gate=gate)
     if caps.reload_at_start:
         pipeline.reload()
 

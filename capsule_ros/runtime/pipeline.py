@@ -192,7 +192,7 @@ class Pipeline:
         config = TierConfig(mb(device_mb), mb(host_mb), mb(file_mb))
         files = self.engine.store.files
         if files is None and self.dirs is not None:
-            files = TierFiles(self.dirs.tiers, self.engine.live.layout)
+            files = TierFiles(self.dirs.tiers, self.engine.live.layout, self.scheduler.gate)
         if file_mb and files is None:
             raise CapsuleError("capsules.file_budget_mb needs capsules.directory (set at configure)")
 
@@ -315,6 +315,9 @@ class Pipeline:
         if self.persister is not None:
             values.update({f"persist_{k}": str(v) for k, v in self.persister.stats().items()
                            if isinstance(v, (int, float))})
+        # how long background writers held off for queries (capsule.quiet)
+        values.update({f"writers_{k}": f"{v:.0f}" if isinstance(v, float) else str(v)
+                       for k, v in self.scheduler.gate.stats().items()})
         if device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)
             values["gpu_allocated_mb"] = f"{torch.cuda.memory_allocated(device) / 2**20:.0f}"

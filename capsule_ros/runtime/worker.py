@@ -14,6 +14,10 @@ between queries (``call``), so a commit never overwrites a rollback.
 
 Accounting per stream, always exact:
     received = answered + superseded + overflowed + stale + rejected + failed + pending
+
+``gate`` tells the background writers (persistence, tier files) when the worker has a job or an
+operation in hand or waiting (busy) and when it has none (quiet): they write in slices between
+queries, not during them (``capsule.quiet``).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from ..capsule.quiet import QuietGate
 from ..status_codes import Code
 from .outcome import Answer, Failure, Outcome, Publish
 
@@ -93,6 +98,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._busy = False
+        self.gate = QuietGate()
 
     # -- the stream registry ------------------------------------------------------------------
     def add_stream(self, name: str, policy: StreamPolicy) -> None:
@@ -134,6 +140,8 @@ class Scheduler:
                     displaced = [(s.queue.popleft(), "overflowed")]
             for old, why in displaced:
                 self._count_drop(s, why)
+            if self._thread is not None:
+                self.gate.busy()
             self._cond.notify_all()
         for old, why in displaced:
             self._tell_dropped(old, why)
@@ -160,6 +168,7 @@ class Scheduler:
                 done.set()
         with self._cond:
             self._ops.append(op)
+            self.gate.busy()
             self._cond.notify_all()
         if not done.wait(timeout):
             raise TimeoutError("the worker did not take the request in time")
@@ -205,6 +214,7 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
         self._thread = None
+        self.gate.quiet()   # nothing runs now: writers need not wait
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Until every queue is empty and nothing runs (False at the deadline)."""
@@ -235,6 +245,10 @@ class Scheduler:
                 item = None
                 while not self._stop:
                     item = self._take(wait_for_context=True)
+                    if item is None:
+                        self.gate.quiet()   # nothing in hand: background writers may go
+                    else:
+                        self.gate.busy()
                     if item is not None or self._idle_more:
                         break
                     self._cond.wait(self._wait_s())
