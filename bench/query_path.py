@@ -23,7 +23,7 @@ act + commit = ``query_ms``) and the wall time from hand-on to the answer; per c
 work done off the path: files written (``Persister.stats``), verifications completed, and
 prefetches (the file tier's I/O thread; null without a file tier).
 
-    python bench/query_path.py [--steps 200] [--block 10] [--machine cpu-2c]
+    python bench/query_path.py [--steps 500] [--block 10] [--machine cpu-2c]
 
 Prints a table and writes ``bench/results/query_path_<machine>.json``.
 """
@@ -56,10 +56,10 @@ from capsule_ros.runtime.outcome import Answer, Failure  # noqa: E402
 
 W, H = 640, 480
 JOINTS = [f"joint_{i}" for i in range(1, 8)]
-# The device budget holds both streams' current boundaries (front's reaches ~9 MB with verify's
-# full journal at ~2.6k tokens), not their histories: those go to the host tier, too small for
-# most of them, and so to files.
-TIER_MB = {"device_budget_mb": 12.0, "host_budget_mb": 4.0, "file_budget_mb": 1024.0}
+# The device budget holds both streams' current boundaries (front's reaches 12.6 MB with verify's
+# full journal just before its rebase at 4096 tokens), not their histories: those go to the host
+# tier, too small for most of them, and so to files.
+TIER_MB = {"device_budget_mb": 16.0, "host_budget_mb": 4.0, "file_budget_mb": 1024.0}
 
 
 def params(directory: str, persist: bool, verify: bool, file_tier: bool, max_context: int) -> dict:
@@ -205,7 +205,7 @@ def summary(rig: Rig) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=200, help="recorded steps per configuration "
+    ap.add_argument("--steps", type=int, default=500, help="recorded steps per configuration "
                     "(a step: one joint-state query and one image query)")
     ap.add_argument("--block", type=int, default=10, help="steps per turn")
     ap.add_argument("--warmup", type=int, default=3, help="unrecorded steps per configuration")

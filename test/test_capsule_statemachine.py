@@ -84,7 +84,8 @@ class CapsuleMachine(RuleBasedStateMachine):
     # -- helpers -----------------------------------------------------------------------------
     def _cold(self, journal: tuple):
         entries = tuple(JournalEntry(t) for t in journal)
-        return self.e.recompute(SimpleNamespace(journal=entries))  # from the empty state
+        return self.e.recompute(SimpleNamespace(  # from the empty state
+            journal=entries, position=sum(t.shape[0] for t in journal)))
 
     def _check(self, s: str) -> None:
         r = self.ref[s]

@@ -133,7 +133,8 @@ def test_rebase_equals_cold_run_and_delta_commits_stay_exact(qwen, case):
     assert cap.position == b0 + sum(sizes[i] for i in kept) + n_new
     # The test's own tensors, replayed from the empty state: base, the kept observations, the new one.
     replay = ([base.journal[0].embeds] if base else []) + [observations[i] for i in kept] + [new]
-    cold = e.recompute(SimpleNamespace(journal=tuple(JournalEntry(t) for t in replay)))
+    cold = e.recompute(SimpleNamespace(journal=tuple(JournalEntry(t) for t in replay),
+                                       position=sum(t.shape[0] for t in replay)))
     rep = compare_capsules(qwen.live.layout, cap, cold)
     assert rep.ok, rep.text()
     for n in (3, 5, 1):  # delta commits on the rebased boundary

@@ -6,6 +6,7 @@ KV (the negative control) gives different logits.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 from capsule_ros.models import HybridModel, ModelSpec
@@ -79,3 +80,21 @@ def test_restore_exact_continuation_matches_cold_and_kv_only_diverges(package_ro
     gap = (kv_only_logits - warm_logits).abs().max().item()
     assert gap > 1e-2, f"KV-only restore should diverge (recurrent state is load-bearing), gap {gap}"
     assert engine.counters["restores"] >= 4
+
+
+def test_recompute_refuses_a_journal_that_does_not_reach_back():
+    """Without a full journal a boundary cannot be recomputed cold: refused, never a silently
+    different state from a part of its history."""
+    from capsule_ros.capsule import CapsuleError
+    m = HybridModel.load(ModelSpec(config_file=CONFIG, max_len=128))
+    e = Engine(m, chunk_size=16)          # full_journal off, verify off: journal not kept whole
+    e.add_stream("a")
+    g = torch.Generator().manual_seed(0)
+    for n in (16, 9):
+        e.query("a", torch.randn(n, m.hidden_size, generator=g), act=lambda h: None)
+        e.commit()
+    boundary = e.boundary("a")
+    assert sum(x.embeds.shape[0] for x in boundary.journal) < boundary.position
+    with pytest.raises(CapsuleError, match="journal does not reach back"):
+        e.recompute(boundary)
+    assert e.store.position("a") == 25    # the stream is as it was

@@ -428,9 +428,16 @@ class Engine:
         """Cold recompute of a boundary from its journal, on the same chunking (verify mode).
 
         The live buffers are left holding the recomputed state; the store is not touched.
+        Refused (``CapsuleError``) when the journal does not reach back to ``base``: replaying
+        part of a history would silently compute another state.
         """
         self._idle()
         base = base or self.empty
+        if sum(e.embeds.shape[0] for e in capsule.journal[len(base.journal):]) \
+                != capsule.position - base.position:
+            raise CapsuleError(f"cannot recompute a boundary at {capsule.position}: its journal does "
+                               "not reach back to the base (a full journal is kept only while "
+                               "verify_every > 0 or full_journal)")
         self._restore(base)
         for entry in capsule.journal[len(base.journal):]:
             self._append(entry.embeds)
