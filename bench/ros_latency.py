@@ -25,7 +25,7 @@ queries on the one worker. Accounting: the node's ``~/capsule stats`` before and
 
 **Transport floor**: the same row against an echo process (``--role echo``) instead of the node:
 it subscribes to the same message with the node's input QoS on the same
-executor (``MultiThreadedExecutor``, 3 threads) and publishes an ``ActionChunk`` (8x7 values,
+executor (``SingleThreadedExecutor``, as the node's) and publishes an ``ActionChunk`` (8x7 values,
 reliable, depth 100) with the trigger's stamp from the callback; ``floor_in`` is publish -> echo
 callback. That is what rclpy + Fast DDS cost for this message with no model at all.
 
@@ -111,12 +111,12 @@ def node_params(path: Path, queue: str = "latest", queue_depth: int = 8,
             if kind == "image":
                 body.append(f"      {name}: {{topic: {trigger_topic(kind, i)}, type: sensor_msgs/msg/Image, "
                             f"encoder: image, resize: [32, 32], patch: 8, "
-                            f"expect_size: [{HEIGHT}, {WIDTH}], qos: {input_qos}, qos_depth: 5}}")
+                            f"expect_size: [{HEIGHT}, {WIDTH}], qos: {input_qos}, qos_depth: {INPUT_DEPTH}}}")
             else:
                 body.append(f"      {name}: {{topic: {trigger_topic(kind, i)}, "
                             f"type: sensor_msgs/msg/JointState, encoder: joint_state, "
                             f"joints: [{', '.join(JOINTS)}], fields: [position, velocity], "
-                            f"qos: {input_qos}, qos_depth: 5}}")
+                            f"qos: {input_qos}, qos_depth: {INPUT_DEPTH}}}")
             streams.append(f"      {stream_name(kind, i)}: {{trigger: {name}, "
                            f"head: {{kind: continuous, horizon: 8, dof: 7, step_period: 0.1}}, "
                            f"queue: {queue}, queue_depth: {queue_depth}, max_age_ms: {max_age_ms}}}")
@@ -313,6 +313,10 @@ def proc_jiffies(pids: list[int]) -> int:
         except (FileNotFoundError, ProcessLookupError, IndexError):
             pass
     return total
+
+
+# the inputs' reader history (--input-depth): what the node's executor may fall behind by
+INPUT_DEPTH = 5
 
 
 class Bench:
@@ -640,7 +644,7 @@ def soak_main(args) -> None:
     print(f"machine {machine}  ROS_DOMAIN_ID {domain}  workdir {workdir}  "
           f"load {os.getloadavg()[0]:.2f}; {args.soak_streams} x {WIDTH}x{HEIGHT} rgb8 at "
           f"{args.soak_rate:g} Hz for {args.soak_duration:g} s", flush=True)
-    bench = Bench(workdir, domain, "multi", args.queue, args.queue_depth, args.max_age_ms,
+    bench = Bench(workdir, domain, "single", args.queue, args.queue_depth, args.max_age_ms,
                   args.input_qos)
     try:
         row = bench.run_row("image", args.soak_streams, args.soak_rate, args.soak_duration, 0.0, "node")
@@ -675,7 +679,7 @@ def soak_main(args) -> None:
            "queue": args.queue, "queue_depth": args.queue_depth, "max_age_ms": args.max_age_ms,
            "setup": "timed replay: one publisher process (reliable writer, keep last 10), the node "
                     f"(installed capsule_node, model.threads 1, inputs subscribed {args.input_qos} "
-                    "keep last 5, trigger-only streams), the action subscriber; separate processes",
+                    f"keep last {INPUT_DEPTH}, trigger-only streams), the action subscriber; separate processes",
            "input_qos": args.input_qos,
            "status_codes": {str(c): sum(1 for st in got["statuses"] if st[1] == c)
                             for c in sorted({st[1] for st in got["statuses"]})},
@@ -705,7 +709,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=10.0, help=argparse.SUPPRESS)
     ap.add_argument("--target", default="node", help=argparse.SUPPRESS)
     ap.add_argument("--ready", help=argparse.SUPPRESS)
-    ap.add_argument("--executor", default="multi", help=argparse.SUPPRESS)
+    ap.add_argument("--executor", default="single", help=argparse.SUPPRESS)
     ap.add_argument("--rates", default="10,30", help="trigger rates (Hz) of the latency rows")
     ap.add_argument("--duration", type=float, default=15.0, help="seconds per node row")
     ap.add_argument("--floor-duration", type=float, default=8.0, help="seconds per echo row")
@@ -713,7 +717,7 @@ def main() -> int:
     ap.add_argument("--busy", type=float, default=0.5,
                     help="re-run a row when other processes used more cores than this")
     ap.add_argument("--attempts", type=int, default=2, help="runs of a busy row at most")
-    ap.add_argument("--echo-executor", choices=("multi", "single"), default="multi")
+    ap.add_argument("--echo-executor", choices=("multi", "single"), default="single")
     ap.add_argument("--floor-only", action="store_true", help="only the echo rows, printed as JSON")
     ap.add_argument("--only", default="", help="rows as kind:streams:rate, e.g. image:1:10")
     ap.add_argument("--input-qos", choices=("reliable", "sensor_data"), default="reliable",
@@ -726,6 +730,7 @@ def main() -> int:
     ap.add_argument("--domain", type=int, default=0)
     ap.add_argument("--machine", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--input-depth", type=int, default=5, help="the node's inputs' qos_depth")
     ap.add_argument("--soak", action="store_true", help="the 5-minute timed replay instead")
     ap.add_argument("--soak-duration", type=float, default=300.0)
     ap.add_argument("--soak-rate", type=float, default=15.0)
@@ -734,6 +739,8 @@ def main() -> int:
     ap.add_argument("--queue-depth", type=int, default=8)
     ap.add_argument("--max-age-ms", type=float, default=0.0)
     args = ap.parse_args()
+    global INPUT_DEPTH
+    INPUT_DEPTH = args.input_depth
     if args.role == "pub":
         args.duration = float(args.duration)
         return role_pub(args)

@@ -213,3 +213,26 @@ def test_a_forked_stream_is_queried_with_an_input_and_unknown_names_are_cut_shor
     name = "x" * 5000
     p.query(name, publish=out.append)
     assert out[-1].code == Code.UNKNOWN_STREAM and len(out[-1].text) < 300
+
+
+def test_a_trigger_frame_is_checked_on_arrival_and_encoded_only_when_answered():
+    """A trigger-only image: its header is checked in the callback (a bad one is refused there,
+    one status), the pixels are encoded when the worker takes the job, so frames superseded
+    while they waited are never encoded."""
+    p = build_pipeline(from_params(params()))
+    encoder = p.encoders["cam"]
+    encoded, real = [], encoder.encode
+    encoder.encode = lambda msg: encoded.append(msg) or real(msg)
+    out: list = []
+    p.on_message("cam", image(encoding="bgr8"), 1, publish=out.append)   # not an allowed encoding
+    assert [(o.code, o.input) for o in out] == [(Code.BAD_ENCODING, "cam")] and encoded == []
+    p.on_message("cam", image(), 10)          # queued (nothing drains without a publish)
+    p.on_message("cam", image(), 11)          # supersedes the one at 10
+    last = image()
+    p.on_message("cam", last, 12, publish=out.append)   # supersedes 11, then the queue drains
+    answers = [o for o in out if isinstance(o, Answer)]
+    assert [a.stamp_ns for a in answers] == [12] and answers[0].dropped == 2
+    assert encoded == [last]                  # the superseded frames were never encoded
+    acc = p.scheduler.accounting()["vision"]
+    assert (acc["received"], acc["rejected"], acc["superseded"], acc["answered"]) == (4, 1, 2, 1)
+    p.close()

@@ -153,6 +153,13 @@ class Encoder(nn.Module):
         p = next(self.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
+    def check(self, msg: Any) -> bool:
+        """Validate what can be validated cheaply (raising the coded error ``encode`` would
+        raise); True when that was everything ``encode`` checks but the pixel values' own (so its
+        heavy part may run later, on the worker, and only for a message that gets answered).
+        Default: False (encode on arrival)."""
+        return False
+
     @torch.no_grad()
     def encode(self, msg: Any) -> torch.Tensor:
         """Validate and embed one message: float32 ``[n_tokens, hidden]`` on this module's device."""
@@ -193,6 +200,24 @@ class ImageEncoder(Encoder):
         """
         if not hasattr(msg, "encoding") and hasattr(msg, "format"):  # sensor_msgs/CompressedImage
             return self._compressed_features(msg)
+        encoding, bpp, height, width, step, data = self._raw_header(msg)
+        rows = data.reshape(height, step)[:, : width * bpp]  # a view without the row padding
+        if encoding == "16UC1":
+            order = ">" if _field(msg, "is_bigendian") else "<"
+            depth = np.ascontiguousarray(rows).view(f"{order}u2").astype(np.float32) * self.depth_scale
+            return torch.from_numpy(depth).reshape(1, height, width)
+        pixels = rows.reshape(height, width, bpp)
+        if encoding == "bgr8":
+            pixels = pixels[..., ::-1]
+        elif encoding == "rgba8":
+            pixels = pixels[..., :3]
+        # to [C, H, W] while still uint8 (a quarter of float32's bytes); the copy is also writable
+        chw = np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        return torch.from_numpy(chw).float().div_(255.0)
+
+    def _raw_header(self, msg: Any) -> tuple:
+        """sensor_msgs/Image's header fields, checked: (encoding, bytes per pixel, height, width,
+        step, data as a uint8 array of step * height bytes)."""
         encoding = _field(msg, "encoding")
         if encoding not in self.encodings:
             raise CapsuleRosError(Code.BAD_ENCODING,
@@ -208,19 +233,15 @@ class ImageEncoder(Encoder):
             raise CapsuleRosError(Code.BAD_SIZE, f"{self.name}: step {step} < width {width} * {bpp} bytes")
         data = _bytes(_field(msg, "data"))
         require_size(data.size, step * height, f"{self.name}: data length (step*height)")
-        rows = data.reshape(height, step)[:, : width * bpp]  # a view without the row padding
-        if encoding == "16UC1":
-            order = ">" if _field(msg, "is_bigendian") else "<"
-            depth = np.ascontiguousarray(rows).view(f"{order}u2").astype(np.float32) * self.depth_scale
-            return torch.from_numpy(depth).reshape(1, height, width)
-        pixels = rows.reshape(height, width, bpp)
-        if encoding == "bgr8":
-            pixels = pixels[..., ::-1]
-        elif encoding == "rgba8":
-            pixels = pixels[..., :3]
-        # to [C, H, W] while still uint8 (a quarter of float32's bytes); the copy is also writable
-        chw = np.ascontiguousarray(pixels.transpose(2, 0, 1))
-        return torch.from_numpy(chw).float().div_(255.0)
+        return encoding, bpp, height, width, step, data
+
+    def check(self, msg: Any) -> bool:
+        """A raw image's encoding, size, step and data length (microseconds); a compressed one
+        is checked by decoding it, so it is encoded on arrival."""
+        if not hasattr(msg, "encoding") and hasattr(msg, "format"):
+            return False
+        self._raw_header(msg)
+        return True
 
     def _compressed_features(self, msg: Any) -> torch.Tensor:
         encoding, pixels = decode_compressed(_field(msg, "format"), _bytes(_field(msg, "data")),

@@ -35,8 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import rclpy
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import (HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data)
@@ -58,7 +57,6 @@ from .convert import import_type, time_msg, to_action_chunk, to_status, to_text_
 from .diagnostics import Diagnostics
 from .params import NodeParameters
 
-RECHECK_S = 0.01   # how often the executor looks again at inputs passed over (see _subscribe_all)
 BUDGETS = ("capsules.device_budget_mb", "capsules.host_budget_mb", "capsules.file_budget_mb")
 ANSWER_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE,
                         history=HistoryPolicy.KEEP_LAST)
@@ -139,12 +137,6 @@ class CapsuleNode(LifecycleNode):
         self._pubs: list[Any] = []
         self._subs: list[Any] = []
         self._service = None
-        # Inputs hand on in one group, one callback at a time (measured, bench/ros_latency.py:
-        # a group per input let the executor threads and the worker convoy on the interpreter
-        # lock, 41 of 480 answered at 4 x 10 Hz against 600 of 600; a reentrant group under a
-        # lock collapsed the same way). Services answer in their own group meanwhile.
-        self._inputs_group = MutuallyExclusiveCallbackGroup()
-        self._services_group = ReentrantCallbackGroup()
 
     # -- lifecycle ----------------------------------------------------------------------------
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -239,8 +231,7 @@ class CapsuleNode(LifecycleNode):
             self.trajectory_pub = self.create_lifecycle_publisher(
                 JointTrajectory, "~/joint_trajectory", ANSWER_QOS)
             self._pubs.append(self.trajectory_pub)
-        self._service = self.create_service(CapsuleOp, "~/capsule", self._on_capsule_op,
-                                            callback_group=self._services_group)
+        self._service = self.create_service(CapsuleOp, "~/capsule", self._on_capsule_op)
         accounting = self.pipeline.scheduler.accounting
         self.diagnostics = Diagnostics(self, self.pipeline.figures, hardware_id="capsule_ros",
                                        node_values=self._node_values,
@@ -275,25 +266,13 @@ class CapsuleNode(LifecycleNode):
             self._subs.append(self.create_subscription(
                 import_type(spec.type), spec.topic,
                 lambda msg, name=spec.name: self._on_input(name, msg), input_qos(spec),
-                qos_overriding_options=QoSOverridingOptions.with_default_policies(),
-                callback_group=self._inputs_group))
-        self._subs.append(self.create_subscription(Query, "~/query", self._on_query, ANSWER_QOS,
-                                                   callback_group=self._inputs_group))
-
-        # rclpy's multi-threaded executor passes over a ready subscription whose group is busy
-        # and looks again only when something else wakes it: a context message that arrived
-        # while a trigger's callback ran could wait past the pairing window (a lockstep replay
-        # across rebases paired an older joint state). A 10 ms timer is that something.
-        self._wake_timer = self.create_timer(RECHECK_S, lambda: None,
-                                             callback_group=self._services_group)
+                qos_overriding_options=QoSOverridingOptions.with_default_policies()))
+        self._subs.append(self.create_subscription(Query, "~/query", self._on_query, ANSWER_QOS))
 
     def _unsubscribe_all(self) -> None:
         for sub in self._subs:
             self.destroy_subscription(sub)
         self._subs = []
-        if getattr(self, "_wake_timer", None) is not None:
-            self.destroy_timer(self._wake_timer)
-            self._wake_timer = None
 
     # -- parameters ---------------------------------------------------------------------------
     def _guard_parameters(self, params: list[Parameter]):
@@ -465,7 +444,13 @@ def run(args: list[str] | None = None) -> int:
         if node.get_parameter("autostart").value:
             if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
                 node.trigger_activate()
-        executor = MultiThreadedExecutor(num_threads=3)
+        # One executor thread: callbacks only encode and hand on (queries run on the worker),
+        # services wait for the worker at most one query. rclpy's multi-threaded executor
+        # busy-spun instead whenever a ready input's callback group was busy (it rebuilds the
+        # wait set, finds the input still ready, skips it, and again): at 4 x 15 Hz 640x480 it
+        # held the interpreter lock ~95% of the time and the worker answered a few queries a
+        # second (py-spy; bench/README.md, "Through ROS").
+        executor = SingleThreadedExecutor()
         executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
