@@ -153,7 +153,7 @@ def role_pub(args) -> int:
 
     rclpy.init()
     node = rclpy.create_node("ros_latency_pub")
-    qos = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST,
+    qos = QoSProfile(depth=PUB_DEPTH, history=HistoryPolicy.KEEP_LAST,
                      reliability=ReliabilityPolicy.RELIABLE)
     msg_type = type(_make_message(args.kind))
     topics = [trigger_topic(args.kind, i, args.target) for i in range(args.streams)]
@@ -317,6 +317,9 @@ def proc_jiffies(pids: list[int]) -> int:
 
 # the inputs' reader history (--input-depth): what the node's executor may fall behind by
 INPUT_DEPTH = 5
+# the publisher's (a driver's) writer history (env CAPSULE_BENCH_PUB_DEPTH): what a reliable
+# writer keeps for a reader that has not acknowledged yet
+PUB_DEPTH = int(os.environ.get("CAPSULE_BENCH_PUB_DEPTH", "10"))
 
 
 class Bench:
