@@ -86,14 +86,19 @@ def _query_decode(engine: Engine, stream: str, embeds: torch.Tensor, steps: int 
 
 
 # -- across backends -----------------------------------------------------------------------------
-@pytest.mark.parametrize("family", EXPORTABLE)
-def test_greedy_tokens_equal_torch_backend_from_the_same_capsule(exports, family):
+def _torch_capsule(family: str):
+    """The torch backend's model, engine and the boundary of stream "s" after the prompt."""
     torch_model = HybridModel.load(_spec(family))
     te = Engine(torch_model, chunk_size=CHUNK)
     te.add_stream("s")
     te.query("s", _prompt(torch_model), act=lambda h: h)
     te.commit()
-    capsule = te.boundary("s")
+    return torch_model, te, te.boundary("s")
+
+
+@pytest.mark.parametrize("family", EXPORTABLE)
+def test_greedy_tokens_equal_torch_backend_from_the_same_capsule(exports, family):
+    torch_model, te, capsule = _torch_capsule(family)
     ref_hidden, (ref_tokens, _) = _query_decode(te, "s", torch_model.embed_tokens([7]))
 
     onnx_model = _onnx(exports, family)
@@ -109,12 +114,7 @@ def test_greedy_tokens_equal_torch_backend_from_the_same_capsule(exports, family
 
 def test_capsule_from_another_execution_path_is_refused_unless_accepted(exports):
     family = "qwen3_5_text"
-    torch_model = HybridModel.load(_spec(family))
-    te = Engine(torch_model, chunk_size=CHUNK)
-    te.add_stream("s")
-    te.query("s", _prompt(torch_model), act=lambda h: h)
-    te.commit()
-    capsule = te.boundary("s")
+    _, te, capsule = _torch_capsule(family)
     assert capsule.fingerprint.execution == "eager"
 
     strict = Engine(_onnx(exports, family), chunk_size=CHUNK)
