@@ -19,7 +19,8 @@ from typing import Any
 @dataclass(frozen=True)
 class Stamped:
     stamp_ns: int
-    embeds: Any                  # the message, already encoded (and so validated)
+    embeds: Any                  # the message encoded, or checked and encoded when first needed
+                                 # (a trigger-only image: ``pipeline.Deferred``)
     number: int                  # arrival number on its input: identifies the message
 
 

@@ -50,7 +50,7 @@ class Job:
     stamp_ns: int                # header stamp, or receive time (flagged)
     stamp_is_receive_time: bool
     input: str = ""              # the trigger input; for a query, an input to append ("" none)
-    embeds: Any = None           # the trigger message, encoded (None for a query)
+    embeds: Any = None           # the trigger message, encoded or ``pipeline.Deferred`` (None: a query)
     encode_ms: float = 0.0
     request_id: int = 0          # a query's own id (0: numbered when accepted)
     instruction: str = ""        # a query's text
