@@ -352,11 +352,13 @@ class LeanRunner:
         outs = []
         done = 0
         for chunk, rows in plan_chunks(embeds.shape[0], m.position, self.chunks, m.max_len):
+            # a chunk size met for the first time is captured before its inputs are written:
+            # capturing fills the inputs, position and row count with its own probe values
+            cap = self.capture(chunk) if replay else None
             self._inputs[chunk][:rows].copy_(embeds[done:done + rows])
             self.pos.fill_(m.position)
             self.n.fill_(rows)
-            if replay:
-                cap = self.capture(chunk)
+            if cap is not None:
                 cap.graph.replay()
                 self.replays += 1
                 hidden, logits, token = cap.hidden, cap.logits, cap.token

@@ -12,15 +12,6 @@ from capsule_ros.runtime.engine import Engine
 pytestmark = pytest.mark.gpu
 CONFIGS = Path(__file__).resolve().parents[2] / "config" / "models"
 FAMILIES = ["default_qwen3_5.json", "tiny_bamba.json"]
-# Known wrong on the H200 (issue 10, open): the lean forward's logits are far from transformers'
-# (relative error 1.46 in bf16 and float32), padding rows reach the valid ones, and a capsule
-# path differs from the lean cold replay of the same chunks, at this commit and at the one its
-# timings were taken from (89f9c7b); restore-after-dirtying and the fallback hold. Strict, so a
-# fix shows up as XPASS and these marks go. The graph-bound path (the node's CUDA default)
-# passes all its proofs in test_graphs.py.
-LEAN_NUMERICS = pytest.mark.xfail(strict=True, reason="lean CUDA forward numerics wrong on H200 "
-                                  "(issue 10): logits vs transformers rel 1.46, padding leaks")
-
 
 def lean(config: str, dtype: str = "float32", max_len: int = 1024, chunks=(1, 16, 64)) -> HybridModel:
     m = HybridModel.load(ModelSpec(config_file=str(CONFIGS / config), dtype=dtype, device="cuda",
@@ -46,7 +37,6 @@ def assert_same_state(a: dict, b: dict, rows: int) -> None:
         assert torch.equal(x, y), k
 
 
-@LEAN_NUMERICS
 @pytest.mark.parametrize("config", FAMILIES)
 def test_lean_logits_match_transformers_bf16_and_float32(config):
     m = lean(config, dtype="bfloat16")
@@ -71,7 +61,6 @@ def test_lean_logits_match_transformers_bf16_and_float32(config):
     assert int(ours.argmax()) == int(ref32.argmax())
 
 
-@LEAN_NUMERICS
 @pytest.mark.parametrize("config", FAMILIES)
 def test_capsule_path_is_bit_identical_to_the_lean_cold_path(config):
     m = lean(config)
@@ -126,7 +115,6 @@ def test_restore_after_dirtying_is_exact_with_no_recapture_and_kv_only_diverges(
     assert m.captures == captures, "serving after warm_up must not capture"
 
 
-@LEAN_NUMERICS
 @pytest.mark.parametrize("config", FAMILIES)
 def test_padded_suffix_equals_the_unpadded_one(config):
     m = lean(config)
@@ -149,7 +137,6 @@ def test_padded_suffix_equals_the_unpadded_one(config):
     assert rel < 1e-5, f"padded 16-row chunk vs exact 7-row chunk (float32): {rel:.3g}"
 
 
-@LEAN_NUMERICS
 def test_sampling_after_restore_reproduces_the_sample():
     from capsule_ros.policy.heads import TokenSampler
     m = lean("default_qwen3_5.json")
@@ -188,3 +175,21 @@ def test_a_kernel_that_fails_to_build_falls_back_and_says_so(monkeypatch, caplog
     assert m.execution == "graph" and "ptxas" in m.lean_error
     assert any("lean CUDA path unavailable" in r.message for r in caplog.records)
     assert m.forward(embeds(m, 3, 0)).shape == (3, m.hidden_size)
+
+
+def test_a_chunk_size_first_used_without_warm_up_replays_the_real_inputs():
+    """Capturing a chunk size on its first use writes the capture's probe inputs into the
+    graph's input buffers; the append must write its own after that (it did before: a replay of
+    random rows at position 0, logits 1.4 off, the proofs above failing without warm_up)."""
+    m = HybridModel.load(ModelSpec(config_file=str(CONFIGS / "default_qwen3_5.json"), device="cuda",
+                                   max_len=256))
+    m.enable_graphs(max_chunk=64, lean=True, chunks=(1, 16, 64))
+    x = embeds(m, 100, 0)
+    with torch.no_grad():
+        ref = m.model.model(inputs_embeds=x[None]).last_hidden_state[0]
+    captures = m.captures
+    outs = [m.forward(x[a:b]).clone() for a, b in ((0, 64), (64, 96), (96, 100))]
+    assert m.captures > captures            # 64 and 16 were captured on first use
+    rel = ((torch.cat(outs) - ref).norm() / ref.norm()).item()
+    assert rel < 1e-4, f"captured lean replay vs transformers (float32): {rel:.3g}"
+
