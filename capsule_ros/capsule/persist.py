@@ -166,10 +166,8 @@ class Persister:
                 self._busy += 1
                 closing = self._closed
             t0 = time.perf_counter()
-            pause = None
-            if self.gate is not None and not closing:
-                gate, deadline = self.gate, since + self.max_defer_s
-                pause = lambda: gate.pause(deadline)  # noqa: E731
+            pause = (self.gate.pauser(since, self.max_defer_s)
+                     if self.gate is not None and not closing else None)
             try:
                 path = save_capsule(capsule, self.directory, stream, self.layout, ready=ready,
                                     pause=pause)

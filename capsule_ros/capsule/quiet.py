@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Callable
 
 # Bytes a writer hashes or writes between two looks at the gate: ~0.15 ms of sha256 or of a
 # copy into the page cache here, so a query that starts mid-slice shares a core that briefly.
@@ -60,6 +61,12 @@ class QuietGate:
             self.counters["pause_ms"] += (time.monotonic() - t0) * 1e3
             if not quiet:
                 self.counters["deadline_passes"] += 1
+
+    def pauser(self, since: float, defer_s: float = MAX_DEFER_S) -> Callable[[], None]:
+        """A writer's ``pause`` for work asked for at ``since`` (``time.monotonic()``): it waits
+        for quiet until ``defer_s`` after that, then no longer."""
+        deadline = since + defer_s
+        return lambda: self.pause(deadline)
 
     def waiting(self) -> int:
         """Writers waiting in ``pause`` right now."""

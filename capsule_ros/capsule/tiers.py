@@ -26,7 +26,7 @@ from .capsule import Capsule, JournalEntry, KVSegment
 from .files import SUFFIX, clean_stale_temps, load_capsule, save_capsule
 from .fingerprint import Fingerprint
 from .layout import StateLayout
-from .quiet import MAX_DEFER_S, QuietGate
+from .quiet import QuietGate
 
 
 class Tier(str, enum.Enum):
@@ -250,11 +250,11 @@ class TierFiles:
         (a query may be waiting for it: finish this write and go to it)."""
         if self.gate is None:
             return None
-        gate, deadline = self.gate, self._since.get(path, 0.0) + MAX_DEFER_S
+        wait = self.gate.pauser(self._since.get(path, 0.0))
 
         def pause() -> None:
             if not self._reads:
-                gate.pause(deadline)
+                wait()
         return pause
 
     def _do_write(self, path: Path, capsule: Capsule) -> None:

@@ -444,7 +444,7 @@ def run(args: list[str] | None = None) -> int:
         if node.get_parameter("autostart").value:
             if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
                 node.trigger_activate()
-        # One executor thread: callbacks only encode and hand on (queries run on the worker),
+        # One executor thread: callbacks only validate and hand on (queries run on the worker),
         # services wait for the worker at most one query. rclpy's multi-threaded executor
         # busy-spun instead whenever a ready input's callback group was busy (it rebuilds the
         # wait set, finds the input still ready, skips it, and again): at 4 x 15 Hz 640x480 it

@@ -385,8 +385,11 @@ class Engine:
         return _Verification(stream, committed, base, chunks)
 
     @staticmethod
-    def _journal_complete(capsule: Capsule) -> bool:
-        return sum(e.embeds.shape[0] for e in capsule.journal) == capsule.position
+    def _journal_complete(capsule: Capsule, base: Capsule | None = None) -> bool:
+        """Does the journal replay ``capsule`` from ``base`` (None: from the empty state)?"""
+        done = base.position if base is not None else 0
+        entries = capsule.journal[len(base.journal):] if base is not None else capsule.journal
+        return sum(e.embeds.shape[0] for e in entries) == capsule.position - done
 
     def _verify_slice(self) -> None:
         """Append the next chunk onto the recompute so far; compare when none is left."""
@@ -433,8 +436,7 @@ class Engine:
         """
         self._idle()
         base = base or self.empty
-        if sum(e.embeds.shape[0] for e in capsule.journal[len(base.journal):]) \
-                != capsule.position - base.position:
+        if not self._journal_complete(capsule, base):
             raise CapsuleError(f"cannot recompute a boundary at {capsule.position}: its journal does "
                                "not reach back to the base (a full journal is kept only while "
                                "verify_every > 0 or full_journal)")

@@ -125,10 +125,12 @@ class Pipeline:
         # rebuilt whole and swapped in: callbacks on executor threads read it while the worker
         # registers or drops a stream
         index: dict[str, tuple[str, ...]] = {}
+        context: set[str] = set()
         for s in list(self.config.streams.values()):
             if s.trigger:
                 index[s.trigger] = index.get(s.trigger, ()) + (s.name,)
-        self._triggers = index
+            context.update(s.context)
+        self._triggers, self._context_inputs = index, frozenset(context)
 
     # -- capsule files ---------------------------------------------------------------------
     def reload(self) -> list[str]:
@@ -392,7 +394,7 @@ class Pipeline:
             # A trigger-only input whose form checks out is encoded by the worker when its job
             # is taken: under load a superseded frame is never encoded, and the executor takes
             # every message off the DDS queue instead of encoding (measured: bench/README.md).
-            if not self._is_context(input_name) and encoder.check(msg):
+            if input_name not in self._context_inputs and encoder.check(msg):
                 embeds: Any = Deferred(encoder, msg)
             else:
                 with torch.no_grad():
@@ -530,9 +532,6 @@ class Pipeline:
             with torch.no_grad():
                 parts.append(self.text_encoder.encode(SimpleNamespace(data=job.instruction)))
         return parts
-
-    def _is_context(self, input_name: str) -> bool:
-        return any(input_name in s.context for s in self.config.streams.values())
 
     def _failed(self, failure: Failure) -> list[Outcome]:
         self.figures.stream(failure.stream).record_error()
