@@ -1,29 +1,42 @@
-"""Time to first token: cold prefill vs restoring a capsule, on a GPU (issue 5's benchmark).
+"""Time to first token and decode on a GPU: cold prefill vs restoring a capsule (issues 5 and 10).
 
-    python bench/ttft.py --models bench/models.json --prefixes 2048,4096,8192,16384 --suffix 32
+    python bench/ttft.py --execution lean-cuda+step --prefixes 2048,4096,8192,16384 --suffixes 32,7
+    python bench/ttft.py --execution lean-cuda+step --only qwen3_5_4b --prefixes 16384 --roofline
+    python bench/ttft.py --report          # table + plot from the JSON, nothing measured
 
-For each model (random weights, bf16) and prefix length P:
-* cold_transformers_ms: plain transformers, one forward of prefix+suffix with a fresh cache,
-  first token = argmax of the last logits; the kernels it picks up (fla, mamba_ssm) are in use.
-* cold_ms: our best cold path (the faster of: one eager forward through the live state, and the
-  graph-bound chunked prefill from empty), first token included.
-* capsule_ttft_ms: restore the stream's capsule + append the suffix (graph replays) + first
-  token, timed while alternating two streams with different prefixes, so every timing includes
-  a real restore (the live buffers always hold the other stream).
-* restore_ms vs restore_floor_ms (capsule bytes read + written over a measured large copy);
-  snapshot_ms (a full-copy commit); decode_ms (one graph-bound decode step, greedy, on device).
-* correctness: max |logit difference| of the capsule path's first-token logits against a float32
-  cold reference (plain transformers, same weights), same first token, and the number of the
-  first 16 greedy tokens that agree before the first difference.
-Host timer with a device synchronize around each timed region: what a caller waits for.
-Writes bench/results/ttft_<card>.json and ttft_<card>.png.
+Resumable: each (model, execution, prefix, suffix) row is written to
+``bench/results/ttft_<card>.json`` as soon as it is measured (a row with the same key is
+replaced), so the table can be completed over several shorter runs; ``--report`` rebuilds the
+table and ``ttft_<card>.png`` from the rows of one commit (the newest, unless ``--commit``).
+
+Per row (random weights, bf16, models from bench/models.json; ``execution`` as the node's
+``model.cuda_step``: lean-cuda+step, lean-cuda+glue, lean-cuda, graph):
+* capsule_ttft_ms: restore the stream's capsule + append the suffix + first token (greedy, on
+  the device), alternating two streams so every timed query restores for real;
+* decode_ms: one decode step (append one token + greedy token), median;
+* restore_ms against restore_floor_ms (capsule bytes read + written at the measured device copy
+  rate) and the target 1.5 x floor + 20 us;
+* cold_ms: our cold path (the same runner from the empty state, the same chunk plan);
+  cold_transformers_ms: plain transformers, one forward of prefix + suffix with a fresh cache
+  (the fla / mamba-ssm kernels it picks up in use); same_first_token: the capsule path's token
+  equals that forward's;
+* bytes_per_decode_step / bytes_per_append: weights read once (the LM head included, the input
+  embedding table not), recurrent + conv state read and written, the valid K/V read and the new
+  rows written; thor_floor_ms / thor_floor_decode_ms: those bytes at 273 GB/s (Jetson AGX Thor);
+* kernels_per_decode, decode_gpu_us: kernels one uncaptured decode step launches and their
+  summed GPU time (torch.profiler): decode_ms minus that is launch gaps and host work.
+``--roofline`` adds, per layer kind, the time of one decode step through only the layers of that
+kind (captured, replayed; divided by their number) beside the bytes each layer must move.
+Host timer with a device synchronize around each timed region: what a caller waits for. Each
+phase frees what it allocated before the next (a 4B model at 16k fits beside transformers' own
+16k forward).
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,238 +45,342 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from capsule_ros.capsule import capsule as capsule_ops  # noqa: E402
 from capsule_ros.capsule.fingerprint import hash_text  # noqa: E402
 from capsule_ros.models.hybrid import HybridModel, ModelSpec  # noqa: E402
 from capsule_ros.runtime.engine import Engine  # noqa: E402
+
+THOR_BW = 273e9          # Jetson AGX Thor memory bandwidth, bytes/s
+EXECUTIONS = ("lean-cuda+step", "lean-cuda+glue", "lean-cuda", "graph")
 
 
 def sync() -> None:
     torch.cuda.synchronize()
 
 
-def timed(fn, repeats: int, warmup: int = 1) -> tuple[float, object]:
-    """Median wall time in ms (device synchronized) and the last result."""
-    out = None
+def timed(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """Median and 99th percentile (below 100 repeats: the largest) wall ms, device synchronized."""
     for _ in range(warmup):
-        out = fn()
+        fn()
     sync()
-    times = []
+    ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        out = fn()
+        fn()
         sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), out
+        ts.append((time.perf_counter() - t0) * 1e3)
+    ts.sort()
+    return statistics.median(ts), ts[min(len(ts) - 1, int(0.99 * len(ts)))]
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    """Measured device-to-device copy rate, bytes read + written per second."""
+    """Measured device-to-device copy rate: bytes read + written per second."""
     a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
-    ms, _ = timed(lambda: b.copy_(a), 10, warmup=2)
+    ms, _ = timed(lambda: b.copy_(a), 10)
     del a, b
+    torch.cuda.empty_cache()
     return 2 * nbytes / (ms / 1e3)
 
 
-def build(model_type: str, config: dict, seed: int):
+def commit_id() -> str:
+    if Path(".commit").is_file():  # a copy of the tree without its git history (the GPU machine)
+        return Path(".commit").read_text().strip()
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def build(entry: dict, max_len: int, execution: str) -> tuple[torch.nn.Module, HybridModel, float]:
     from transformers import AutoModelForCausalLM, CONFIG_MAPPING
-    cfg = CONFIG_MAPPING[model_type](**config)
+    cfg = CONFIG_MAPPING[entry["model_type"]](**entry["config"])
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        ref = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    return ref.eval()
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model = model.cuda().eval()
+    hm = HybridModel.bind(model, ModelSpec(dtype="bfloat16", device="cuda", max_len=max_len),
+                          hash_text(json.dumps(entry, sort_keys=True)))
+    t0 = time.perf_counter()
+    lean = execution != "graph"
+    hm.enable_graphs(max_chunk=512, lean=lean,
+                     compile=(execution.partition("+")[2] or "none") if lean else "none")
+    if hm.execution != execution:
+        raise SystemExit(f"asked for {execution}, got {hm.execution}: {hm.lean_error}")
+    return model, hm, time.perf_counter() - t0
+
+
+def weight_bytes(module: torch.nn.Module, skip: torch.Tensor | None = None) -> int:
+    seen, total = set(), 0
+    for p in module.parameters():
+        if p.data_ptr() in seen or (skip is not None and p.data_ptr() == skip.data_ptr()):
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total
+
+
+def state_bytes(hm: HybridModel, names: list[str], context: int, new_rows: int) -> int:
+    """Constant state read + written; K/V: ``context`` rows read, ``new_rows`` written."""
+    total = 0
+    for s in hm.live.layout.specs:
+        if s.name not in names:
+            continue
+        t = hm.live.view(s.name)
+        nbytes = t.numel() * t.element_size()
+        if s.seq_axis is None:
+            total += 2 * nbytes
+        else:
+            total += nbytes // t.shape[s.seq_axis] * (context + new_rows)
+    return total
+
+
+def step_bytes(hm: HybridModel, context: int, new_rows: int) -> int:
+    """What one step must move at least (see the module docstring)."""
+    emb = hm.model.get_input_embeddings().weight
+    tied = hm.model.config.tie_word_embeddings
+    weights = weight_bytes(hm.model, skip=None if tied else emb)
+    return weights + state_bytes(hm, [s.name for s in hm.live.layout.specs], context, new_rows)
+
+
+def profile_decode(hm: HybridModel) -> tuple[int, float]:
+    """Kernels one uncaptured decode step launches and their summed GPU time (us)."""
+    from torch.profiler import ProfilerActivity, profile
+    x = hm.embed_tokens([5])
+    hm.use_graphs = False
+    try:
+        hm.forward(x)  # the eager path of this runner: same kernels, launched one by one
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            hm.forward(x)
+            sync()
+    finally:
+        hm.use_graphs = True
+    evs = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    return len(evs), sum(e.device_time for e in evs)
 
 
 @torch.no_grad()
-def reference_tokens(model, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[int]]:
-    """Plain transformers greedy decode: first-token logits and ``steps`` tokens."""
-    out = model(input_ids=ids[None], use_cache=True, logits_to_keep=1)
-    logits = out.logits[0, -1].float()
-    tokens = [int(logits.argmax())]
-    cache = out.past_key_values
-    for _ in range(steps - 1):
-        out = model(input_ids=torch.tensor([[tokens[-1]]], device=ids.device), past_key_values=cache,
-                    use_cache=True)
-        cache = out.past_key_values
-        tokens.append(int(out.logits[0, -1].argmax()))
-    return logits, tokens
+def roofline(hm: HybridModel, context: int, bw: float, repeats: int = 50) -> list[dict]:
+    """Per layer kind: one decode step through only those layers, captured and replayed, per
+    layer; beside its bytes (weights, state read + written, K/V read at ``context``)."""
+    runner, lean = hm.runner, hm.runner.lean_model
+    kinds = sorted({layer.kind for layer in lean.layers})
+    saved = runner._scratch()
+    out = []
+    x = runner._inputs[1]
+    x.normal_()
+    runner.pos.fill_(context)
+    runner.n.fill_(1)
+    for kind in kinds + ["all"]:
+        only = None if kind == "all" else kind
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                lean.step(x, runner.pos, runner.n, only)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=runner.pool):
+            lean.step(x, runner.pos, runner.n, only)
+        ms, _ = timed(graph.replay, repeats)
+        layers = [i for i, layer in enumerate(lean.layers) if only is None or layer.kind == only]
+        mods = [hm.model.model.layers[i] for i in layers]
+        names = [s.name for s in hm.live.layout.specs if int(s.name.split(".")[0][1:]) in layers]
+        nbytes = sum(weight_bytes(m) for m in mods) + state_bytes(hm, names, context, 1)
+        per = len(layers)
+        out.append({"kind": kind, "layers": per, "context": context,
+                    "us_per_layer": round(ms * 1e3 / per, 2),
+                    "bytes_per_layer": nbytes // per,
+                    "achieved_GBps": round(nbytes / (ms / 1e3) / 1e9, 1),
+                    "card_floor_us_per_layer": round(nbytes / per / (bw / 2) * 1e6, 2),
+                    "thor_floor_us_per_layer": round(nbytes / per / THOR_BW * 1e6, 2)})
+        del graph
+    runner._put_back(saved)
+    return out
 
 
-def agree_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def run_model(name: str, entry: dict, prefixes: list[int], suffix: int, repeats: int,
-              decode_steps: int, bw: float) -> list[dict]:
-    ref32 = build(entry["model_type"], entry["config"], seed=0).cuda()
-    model16 = copy.deepcopy(ref32).to(torch.bfloat16)
-    max_len = max(prefixes) + suffix + decode_steps + 8
-    spec = ModelSpec(dtype="bfloat16", device="cuda", max_len=max_len)
-    hm = HybridModel.bind(model16, spec, hash_text(json.dumps(entry, sort_keys=True)))
-    hm.enable_graphs(max_chunk=512)
-    engine = Engine(hm, chunk_size=max_len)  # the runner splits into captured chunks itself
-    embed = hm.token_embedding()
+def measure(name: str, entry: dict, execution: str, prefixes: list[int], suffixes: list[int],
+            repeats: int, bw: float, commit: str, do_roofline: bool, save) -> None:
+    max_len = max(prefixes) + max(suffixes) + 64
+    model, hm, configure_s = build(entry, max_len, execution)
+    info = hm.warm_up()
+    print(f"{name}: {hm.execution}; configure {configure_s:.1f} s, warm_up {info['seconds']:.1f} s, "
+          f"{info['captures']} graphs", flush=True)
+    engine = Engine(hm, chunk_size=max_len)  # the runner plans its own chunks
+    emb = hm.token_embedding()
     gen = torch.Generator(device="cuda").manual_seed(1)
     vocab = entry["config"]["vocab_size"]
-    rows = []
-    for prefix in prefixes:
-        ids = {s: torch.randint(1, vocab, (prefix + suffix,), device="cuda", generator=gen)
-               for s in ("A", "B")}
-        for s in ("A", "B"):
-            if s in engine.store:
-                engine.drop(s)
-            engine.add_stream(s)
-            # the capsule: prefix appended from empty through the graph-bound path
-            engine.query(s, embed(ids[s][:prefix]), act=lambda h: None)
-            engine.commit()
-        full = ids["A"]
+    kernels, gpu_us = profile_decode(hm)
+    with torch.no_grad():
+        for prefix in prefixes:
+            ids = {s: torch.randint(1, vocab, (prefix + max(suffixes),), device="cuda", generator=gen)
+                   for s in ("A", "B")}
+            for s in ("A", "B"):
+                if s in engine.store:
+                    engine.drop(s)
+                engine.add_stream(s)
+                engine.query(s, emb(ids[s][:prefix]), act=lambda h: None)
+                engine.commit()
+            if do_roofline:
+                for r in roofline(hm, prefix, bw):
+                    save("roofline", {"model": name, "execution": execution, "commit": commit, **r})
+            for suffix in suffixes:
+                full = ids["A"][:prefix + suffix]
 
-        # -- cold paths ------------------------------------------------------------------
-        def cold_transformers():
-            out = model16(input_ids=full[None], use_cache=True, logits_to_keep=1)
-            return int(out.logits[0, -1].argmax())
-        cold_tf_ms, tf_token = timed(cold_transformers, max(3, repeats // 4))
+                def cold_transformers() -> int:
+                    out = model(input_ids=full[None], use_cache=True, logits_to_keep=1)
+                    return int(out.logits[0, -1].argmax())
+                tf_token = cold_transformers()
+                cold_tf_ms, _ = timed(cold_transformers, 3, warmup=1)
+                torch.cuda.empty_cache()  # transformers' 16k activations go before the next phase
 
-        def cold_ours(graphs: bool):
-            def run():
-                hm.use_graphs = graphs
-                engine._restore(engine.empty)
-                hidden = hm.forward(embed(full))
-                token = hm.next_token(hidden[-1])
+                def cold_ours() -> None:
+                    engine._restore(engine.empty)
+                    hm.next_token(hm.forward(emb(full))[-1])
+                    engine.abort()
+                cold_ms, _ = timed(cold_ours, 3, warmup=1)
+                turn = {"i": 0}
+
+                def capsule_query() -> None:
+                    s = "AB"[turn["i"] % 2]
+                    turn["i"] += 1
+                    engine.query(s, emb(ids[s][prefix:prefix + suffix]), act=hm.next_token)
+                    engine.abort()  # not committed: every query starts from the prefix capsule
+                ttft_ms, ttft_p99 = timed(capsule_query, repeats)
+                engine.restore("A")
+                first = hm.next_token(hm.forward(emb(full[prefix:]))[-1])
+                tok = torch.tensor([first], device="cuda")
+
+                def decode() -> None:
+                    hm.next_token(hm.forward(emb(tok))[-1])
+                decode_ms, decode_p99 = timed(decode, repeats)
                 engine.abort()
-                return token
-            return run
-        cold_graph_ms, cold_token = timed(cold_ours(True), max(3, repeats // 4))
-        cold_eager_ms, _ = timed(cold_ours(False), max(3, repeats // 4))
-        hm.use_graphs = True
+                flip = {"i": 0}
 
-        # -- capsule path: alternate streams so each query restores for real -----------------
-        order = ["A", "B"]
-        state = {"i": 0}
-
-        def capsule_query():
-            s = order[state["i"] % 2]
-            state["i"] += 1
-            r = engine.query(s, embed(ids[s][prefix:]), act=hm.next_token)
-            engine.abort()  # not committed: every query starts from the same prefix capsule
-            return r
-        ttft_ms, _ = timed(capsule_query, repeats, warmup=2)
-
-        capsule = engine.boundary("A")
-        flip = {"i": 0}
-
-        def restore_other_stream():  # alternate, so each restore really copies
-            flip["i"] += 1
-            engine.restore("A" if flip["i"] % 2 else "B")
-        restore_ms, _ = timed(restore_other_stream, repeats, warmup=2)
-        restore_floor_ms = 2 * capsule.nbytes / bw * 1e3
-        engine.restore("A")
-        snapshot_ms, _ = timed(lambda: capsule_ops.snapshot(
-            hm.live, fingerprint=hm.fingerprint, position=hm.position, meta=hm.read_meta()),
-            repeats, warmup=1)
-
-        # -- first token and greedy agreement against float32 -----------------------------
-        engine.restore("A")
-        hidden = hm.forward(embed(full[prefix:]))
-        logits16 = hm.logits(hidden[-1]).float()
-        ours = [hm.next_token(hidden[-1])]
-        decode_times = []
-        for _ in range(decode_steps - 1):
-            sync()
-            t0 = time.perf_counter()
-            h = hm.forward(embed(torch.tensor([ours[-1]], device="cuda")))
-            tok = hm.next_token(h[-1])
-            sync()
-            decode_times.append((time.perf_counter() - t0) * 1e3)
-            ours.append(tok)
-        engine.abort()
-        ref_logits, ref_tokens = reference_tokens(ref32, full, decode_steps)
-        row = {
-            "model": name, "prefix": prefix,
-            "cold_ms": round(min(cold_graph_ms, cold_eager_ms), 3),
-            "cold_transformers_ms": round(cold_tf_ms, 3),
-            "capsule_ttft_ms": round(ttft_ms, 3),
-            "restore_ms": round(restore_ms, 4), "restore_floor_ms": round(restore_floor_ms, 4),
-            "decode_ms": round(statistics.median(decode_times), 3),
-            "same_first_token": ours[0] == ref_tokens[0],
-            "agree_tokens": agree_prefix(ours, ref_tokens),
-            "max_dlogit": round(float((logits16 - ref_logits).abs().max()), 4),
-            # extras
-            "cold_graph_ms": round(cold_graph_ms, 3), "cold_eager_ms": round(cold_eager_ms, 3),
-            "cold_first_token_matches_capsule": cold_token == ours[0],
-            "transformers_first_token_matches": tf_token == ours[0],
-            "snapshot_ms": round(snapshot_ms, 4), "capsule_bytes": capsule.nbytes,
-            "speedup": round(min(cold_graph_ms, cold_eager_ms, cold_tf_ms) / ttft_ms, 1),
-        }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    del hm, engine, model16, ref32
+                def restore() -> None:  # alternate, so each restore really copies
+                    flip["i"] += 1
+                    engine.restore("AB"[flip["i"] % 2])
+                restore_ms, _ = timed(restore, repeats)
+                floor = 2 * engine.boundary("A").nbytes / bw * 1e3
+                bd, ba = step_bytes(hm, prefix + suffix, 1), step_bytes(hm, prefix, suffix)
+                save("rows", {
+                    "model": name, "execution": execution, "prefix": prefix, "suffix": suffix,
+                    "commit": commit, "capsule_ttft_ms": round(ttft_ms, 3),
+                    "capsule_ttft_p99_ms": round(ttft_p99, 3), "decode_ms": round(decode_ms, 3),
+                    "decode_p99_ms": round(decode_p99, 3), "restore_ms": round(restore_ms, 4),
+                    "restore_floor_ms": round(floor, 4),
+                    "restore_target_ms": round(1.5 * floor + 0.02, 4),
+                    "cold_ms": round(cold_ms, 2), "cold_transformers_ms": round(cold_tf_ms, 2),
+                    "speedup_vs_transformers": round(cold_tf_ms / ttft_ms, 1),
+                    "speedup_vs_our_cold": round(cold_ms / ttft_ms, 1),
+                    "same_first_token": first == tf_token,
+                    "bytes_per_decode_step": bd, "bytes_per_append": ba,
+                    "thor_floor_ms": round(ba / THOR_BW * 1e3, 3),
+                    "thor_floor_decode_ms": round(bd / THOR_BW * 1e3, 3),
+                    "card_floor_decode_ms": round(bd / (bw / 2) * 1e3, 3),
+                    "kernels_per_decode": kernels, "decode_gpu_us": round(gpu_us, 1),
+                    "configure_s": round(configure_s, 1), "warm_up_s": round(info["seconds"], 1)})
+            torch.cuda.empty_cache()
+    del engine, hm, model
     torch.cuda.empty_cache()
-    return rows
 
 
-def plot(rows: list[dict], path: Path, card: str) -> None:
+COLUMNS = ["model", "execution", "prefix", "suffix", "capsule_ttft_ms", "decode_ms", "restore_ms",
+           "restore_target_ms", "cold_ms", "cold_transformers_ms", "speedup_vs_transformers",
+           "speedup_vs_our_cold", "same_first_token", "kernels_per_decode", "decode_gpu_us",
+           "thor_floor_ms"]
+ROOF_COLUMNS = ["model", "execution", "context", "kind", "layers", "us_per_layer", "bytes_per_layer",
+                "achieved_GBps", "card_floor_us_per_layer", "thor_floor_us_per_layer"]
+
+
+def report(doc: dict, path: Path, commit: str | None) -> None:
+    rows = doc.get("rows", [])
+    if not rows:
+        print("no rows")
+        return
+    commit = commit or rows[-1]["commit"]
+    rows = [r for r in rows if r["commit"] == commit]
+    print(f"rows of commit {commit} ({doc['card']}, torch {doc.get('torch')})")
+    for cols, items in ((COLUMNS, rows), (ROOF_COLUMNS, [r for r in doc.get("roofline", [])
+                                                         if r["commit"] == commit])):
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "---|" * len(cols))
+        for r in items:
+            print("| " + " | ".join(str(r.get(c)) for c in cols) + " |")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for model in sorted({r["model"] for r in rows}):
-        mine = [r for r in rows if r["model"] == model]
-        x = [r["prefix"] for r in mine]
-        ax.plot(x, [r["cold_transformers_ms"] for r in mine], "o:", label=f"{model} cold (transformers)")
-        ax.plot(x, [r["cold_ms"] for r in mine], "s--", label=f"{model} cold (ours)")
-        ax.plot(x, [r["capsule_ttft_ms"] for r in mine], "^-", label=f"{model} capsule")
+        for execution in sorted({r["execution"] for r in rows if r["model"] == model}):
+            mine = sorted((r for r in rows if r["model"] == model and r["execution"] == execution
+                           and r["suffix"] == 32), key=lambda r: r["prefix"])
+            if not mine:
+                continue
+            x = [r["prefix"] for r in mine]
+            ax.plot(x, [r["cold_transformers_ms"] for r in mine], "o:", label=f"{model} cold, transformers")
+            ax.plot(x, [r["cold_ms"] for r in mine], "s--", label=f"{model} cold, ours ({execution})")
+            ax.plot(x, [r["capsule_ttft_ms"] for r in mine], "^-", label=f"{model} capsule ({execution})")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("prefix tokens (+32-token observation)")
+    ax.set_xlabel("prefix tokens (+ 32-token observation)")
     ax.set_ylabel("time to first token, ms")
-    ax.set_title(f"TTFT, cold vs capsule ({card}, bf16)")
+    ax.set_title(f"TTFT, cold vs capsule ({doc['card']}, bf16, commit {commit})")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path.with_suffix(".png"), dpi=120)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=str(Path(__file__).with_name("models.json")))
-    ap.add_argument("--only", default="", help="comma-separated model names")
+    ap.add_argument("--only", default="", help="comma-separated model names (default: the required two)")
+    ap.add_argument("--execution", default="lean-cuda+step", choices=EXECUTIONS)
     ap.add_argument("--prefixes", default="2048,4096,8192,16384")
-    ap.add_argument("--suffix", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--suffixes", default="32,7")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--roofline", action="store_true", help="per-layer-kind roofline at each prefix")
+    ap.add_argument("--report", action="store_true", help="table and plot from the JSON only")
+    ap.add_argument("--commit", default=None, help="--report: the rows of this commit")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("bench/ttft.py needs a CUDA GPU", file=sys.stderr)
-        return 2
-    card = torch.cuda.get_device_name(0).replace(" ", "-")
-    models = json.loads(Path(args.models).read_text())["models"]
-    only = [m for m in args.only.split(",") if m]
-    prefixes = [int(p) for p in args.prefixes.split(",")]
-    bw = copy_bandwidth()
-    print(f"card {card}; device copy {bw / 1e12:.2f} TB/s (read+write)", flush=True)
-    rows = []
-    for name, entry in models.items():
-        if not only or name in only:
-            rows += run_model(name, entry, prefixes, args.suffix, args.repeats, args.decode_steps, bw)
+    card = torch.cuda.get_device_name(0).replace(" ", "-") if torch.cuda.is_available() else None
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    doc = {"card": card, "copy_bandwidth_TBps": round(bw / 1e12, 3), "torch": torch.__version__,
-           "rows": rows}
-    (out / f"ttft_{card}.json").write_text(json.dumps(doc, indent=1) + "\n")
-    plot(rows, out / f"ttft_{card}.png", card)
-    cols = ["model", "prefix", "cold_transformers_ms", "cold_ms", "capsule_ttft_ms", "speedup",
-            "restore_ms", "restore_floor_ms", "decode_ms", "same_first_token", "agree_tokens", "max_dlogit"]
-    print(" | ".join(cols))
-    for r in rows:
-        print(" | ".join(str(r[c]) for c in cols))
+    if args.report:
+        found = sorted(out.glob("ttft_*.json")) if card is None else [out / f"ttft_{card}.json"]
+        for path in found:
+            report(json.loads(path.read_text()), path, args.commit)
+        return 0
+    if card is None:
+        print("bench/ttft.py needs a CUDA GPU (or --report)", file=sys.stderr)
+        return 2
+    path = out / f"ttft_{card}.json"
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    if "rows" in doc and doc["rows"] and "execution" not in doc["rows"][0]:
+        doc = {}  # the old, non-resumable format: start over
+    doc.update(card=card, torch=torch.__version__)
+    bw = copy_bandwidth()
+    doc["copy_bandwidth_TBps"] = round(bw / 1e12, 3)
+    print(f"card {card}; device copy {bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    keys = {"rows": ("model", "execution", "prefix", "suffix"),
+            "roofline": ("model", "execution", "context", "kind")}
+
+    def save(table: str, row: dict) -> None:
+        key = tuple(row[k] for k in keys[table])
+        doc[table] = [r for r in doc.get(table, []) if tuple(r[k] for k in keys[table]) != key] + [row]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=1) + "\n")
+        print(json.dumps(row), flush=True)
+
+    models = json.loads(Path(args.models).read_text())["models"]
+    only = [m for m in args.only.split(",") if m] or [m for m, e in models.items() if e.get("required")]
+    commit = commit_id()
+    for name in only:
+        measure(name, models[name], args.execution, [int(p) for p in args.prefixes.split(",")],
+                [int(s) for s in args.suffixes.split(",")], args.repeats, bw, commit,
+                args.roofline, save)
+    report(doc, path, commit)
     return 0
 
 

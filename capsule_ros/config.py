@@ -91,6 +91,9 @@ CONTEXT_POLICIES = ("refuse", "reset", "rebase")
 ENCODERS = ("image", "joint_state", "float_array", "text", "point_cloud")
 HEADS = ("continuous", "tokens")
 BACKENDS = ("torch", "onnxruntime")
+# What a CUDA step runs (the fingerprint's execution names): the lean forward of models/lean.py
+# compiled whole, with only its norms compiled, or uncompiled; or transformers' modules captured.
+CUDA_STEPS = ("lean-cuda+step", "lean-cuda+glue", "lean-cuda", "graph")
 QOS_PROFILES = ("sensor_data", "reliable")
 IMAGE_ENCODINGS = ("rgb8", "bgr8", "rgba8", "mono8", "16UC1")
 
@@ -112,6 +115,10 @@ SCHEMA: tuple[Param, ...] = (
           min=1, max=4096),
     Param("model.cuda_graphs", bool, True, "on CUDA: replay captured CUDA graphs (captured at "
           "configure, never while serving)"),
+    Param("model.cuda_step", str, "lean-cuda+step", "on CUDA with cuda_graphs: lean-cuda+step (the "
+          "lean forward, compiled whole at configure; qwen3_5_text and bamba, other families and a "
+          "kernel that fails to build fall back to graph), lean-cuda+glue, lean-cuda (uncompiled), "
+          "graph (transformers' modules captured)", choices=CUDA_STEPS),
     Param("model.policy_weights", str, "", "policy.safetensors with encoder and head weights; "
           "empty: beside the checkpoint, or seeded random"),
     Param("model.backend", str, "torch", "torch: transformers modules (eager, CUDA graphs); "
@@ -277,6 +284,7 @@ class ModelConfig:
     max_context: int = 4096
     chunk_size: int = 64
     cuda_graphs: bool = True
+    cuda_step: str = "lean-cuda+step"
     policy_weights: str = ""
     backend: str = "torch"
     threads: int = 0

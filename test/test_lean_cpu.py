@@ -83,3 +83,32 @@ def test_chunk_plan_takes_any_length_in_one_replay_up_to_the_largest_chunk():
     # near the end of the buffer no chunk reaches past it
     assert plan_chunks(7, 4085, chunks, 4096) == [(1, 1)] * 7
     assert plan_chunks(20, 4060, chunks, 4096) == [(16, 16), (16, 4)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_step_compiled_whole_computes_the_uncompiled_step(family):
+    """compile="step": one inductor graph per chunk size around the custom state ops (here their
+    PyTorch references) and the conv written as shifted products; the same hidden states and
+    state as the plain step, and its padding rows still change nothing."""
+    m = build(family)
+    x = torch.randn(17, m.hidden_size, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for mode, garbage in (("none", 0), ("step", 0), ("step", 5)):
+        empty(m)
+        lean = LeanModel(m, compile=mode)
+        with torch.no_grad():
+            out = torch.cat([lean_append(lean, x[:11], 0, 16, garbage),
+                             lean_append(lean, x[11:16], 11, 16, garbage + 1),
+                             lean_append(lean, x[16:], 16, 1, garbage + 2)])
+        runs[mode, garbage] = out, views(m)
+    (plain, plain_state), (fused, fused_state), (fused2, fused2_state) = runs.values()
+    rel = ((fused - plain).norm() / plain.norm()).item()
+    assert rel < 1e-5, f"compiled vs plain step (float32): {rel:.3g}"
+    assert torch.equal(fused, fused2)
+    for spec in m.live.layout.specs:
+        got, want, again = fused_state[spec.name], plain_state[spec.name], fused2_state[spec.name]
+        if spec.seq_axis is not None:
+            got, want, again = got[:, :, :17], want[:, :, :17], again[:, :, :17]
+        assert torch.equal(got, again), spec.name
+        err = ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
+        assert err < 1e-5, f"{spec.name}: {err:.3g}"

@@ -8,6 +8,10 @@ input). CUDA versions: fla-core 0.6.0's fused recurrent gated-delta kernel (gati
 and q/k l2norm inside, initial and final state the same buffer); mamba-ssm's Triton
 ``selective_state_update`` (one token) and ``mamba_chunk_scan_combined`` (several); PyTorch's
 ``flex_attention`` with a block mask whose block count is a device tensor.
+
+The state ops are also registered as ``torch.library`` custom ops (``capsule_ros::gdn_recurrent``,
+``capsule_ros::ssm_update``): opaque to inductor, so the whole lean step can be compiled around
+them (models/lean.py, ``compile="step"``) with the Triton kernels launched as they are.
 """
 from __future__ import annotations
 
@@ -112,6 +116,38 @@ def ssm_cuda(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     return y[0]
 
 
+# -- the state ops as custom ops (inductor compiles around them) -------------------------------
+@torch.library.custom_op("capsule_ros::gdn_recurrent", mutates_args=("state",))
+def gdn_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
+                  b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
+                  state: torch.Tensor, use_kernel: bool) -> torch.Tensor:
+    """The gated-delta rule: fla's kernel when ``use_kernel`` (CUDA), else the reference."""
+    fn = gdn_recurrent_cuda if use_kernel else gdn_recurrent_reference
+    return fn(q, k, v, a, b, A_log, dt_bias, state)
+
+
+@gdn_recurrent.register_fake
+def _gdn_recurrent_shape(q, k, v, a, b, A_log, dt_bias, state, use_kernel):
+    return v.new_empty(v.shape)
+
+
+@torch.library.custom_op("capsule_ros::ssm_update", mutates_args=("state",))
+def ssm_update(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+               C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, dt_min: float,
+               dt_max: float, state: torch.Tensor, chunk_size: int, use_kernel: bool) -> torch.Tensor:
+    """The Mamba2 state update: mamba-ssm's Triton kernels when ``use_kernel``, else the reference."""
+    if use_kernel:
+        y = ssm_cuda(x, dt, A, B, C, D, dt_bias, (dt_min, dt_max), state, chunk_size=chunk_size)
+    else:
+        y = ssm_reference(x, dt, A, B, C, D, dt_bias, (dt_min, dt_max), state)
+    return y.reshape(x.shape)  # both kernels write a new output tensor
+
+
+@ssm_update.register_fake
+def _ssm_update_shape(x, dt, A, B, C, D, dt_bias, dt_min, dt_max, state, chunk_size, use_kernel):
+    return x.new_empty(x.shape)  # the kernels return a contiguous output
+
+
 # -- attention -------------------------------------------------------------------------------
 def attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         pos: torch.Tensor, scale: float) -> torch.Tensor:
@@ -153,13 +189,21 @@ class FlexAttention:
         blocks = torch.clamp((end + self.KV_BLOCK - 1) // self.KV_BLOCK, max=self.max_blocks)
         self.kv_num_blocks.copy_(blocks.to(torch.int32).expand_as(self.kv_num_blocks))
 
-    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+                 pos: torch.Tensor | None = None) -> torch.Tensor:
+        """``pos`` is read through the block mask (the tensor given at construction)."""
         kw: dict[str, Any] = {"kernel_options": self.kernel_options} if self.kernel_options else {}
         return self.compiled(q, k_cache, v_cache, block_mask=self.block_mask, scale=scale,
                              enable_gqa=True, **kw)
 
 
 _COMPILED_FLEX: Callable | None = None
+
+
+def raw_flex() -> Callable:
+    """flex_attention itself, for code that is compiled as a whole."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return flex_attention
 
 
 def compiled_flex() -> Callable:

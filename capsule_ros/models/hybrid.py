@@ -184,21 +184,22 @@ class HybridModel:
 
     def enable_graphs(self, max_chunk: int = 512, sdpa_backends: list | None = None,
                       lean: bool = False, chunks: tuple[int, ...] = (1, 16, 64, 512),
-                      compile_glue: bool = False) -> Any:
+                      compile: str = "none") -> Any:
         """Run appends as CUDA-graph replays over the live buffers (runtime/graphs.py).
 
         ``lean=True`` (qwen3_5_text, bamba): the lean forward (models/lean.py), one graph per
-        chunk size in ``chunks``; its kernels are built here, and if one fails the model says so
-        and falls back to capturing transformers' modules."""
+        chunk size in ``chunks``; its kernels are built here (and compiled, per ``compile``: see
+        models/lean.py), and if one fails the model says so and falls back to capturing
+        transformers' modules."""
         from ..runtime.graphs import GraphRunner, LeanRunner
-        from .lean import LEAN_FAMILIES
+        from .lean import LEAN_FAMILIES, execution_name
         self.runner = None
         if lean and self.model.config.model_type in LEAN_FAMILIES:
             try:
-                runner = LeanRunner(self, chunks=chunks, max_chunk=max_chunk, compile_glue=compile_glue)
+                runner = LeanRunner(self, chunks=chunks, max_chunk=max_chunk, compile=compile)
                 runner.probe()
                 self.runner = runner
-                self.fingerprint = dataclasses.replace(self.fingerprint, execution="lean-cuda")
+                self.fingerprint = dataclasses.replace(self.fingerprint, execution=execution_name(compile))
                 return runner
             except Exception as e:  # noqa: BLE001 - any kernel build failure: keep serving
                 log.warning("lean CUDA path unavailable for %s (%s: %s); using graph-captured "
@@ -215,7 +216,7 @@ class HybridModel:
 
     @property
     def execution(self) -> str:
-        """The execution path the fingerprint names: "eager", "graph" or "lean-cuda"."""
+        """The execution path the fingerprint names: "eager", "graph", "lean-cuda[+glue|+step]"."""
         return self.fingerprint.execution
 
     @property

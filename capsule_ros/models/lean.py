@@ -6,6 +6,13 @@ tensors, so no weight is stored twice), precomputed rotary tables (transformers'
 embedding, evaluated once over every position), no mask tensors, no Python-side cache flags, and
 the state kernels of ``capsule_ros.kernels.ops`` updating the live buffers in place.
 
+Three ways to run it (``compile``), each its own execution path in the capsule fingerprint:
+``"none"`` (PyTorch ops between the kernels), ``"glue"`` (the norms and SwiGLU each an
+inductor-fused kernel) and ``"step"`` (the whole step one inductor graph around the state kernels,
+which are ``torch.library`` custom ops, and flex attention; the conv is written as K shifted
+products so it fuses too). Compilation happens on a chunk size's first run (the runner's probe, at
+configure); its caches live where runtime/build.py points them.
+
 ``step(x, pos, n)`` appends the first ``n`` rows of ``x`` [T, hidden] at position ``pos``; both
 are device scalars, so one captured graph per chunk size ``T`` serves every length 1..T and every
 position. Rows past ``n`` are padding: zeroed on entry, written to K/V rows past the valid length
@@ -23,6 +30,12 @@ import torch.nn.functional as F
 from ..kernels import ops
 
 LEAN_FAMILIES = ("qwen3_5_text", "bamba")
+COMPILE_MODES = ("none", "glue", "step")
+
+
+def execution_name(compile: str) -> str:
+    """The fingerprint's execution path of a compile mode (each fuses, so rounds, differently)."""
+    return "lean-cuda" if compile == "none" else f"lean-cuda+{compile}"
 
 
 def _merge(*linears: torch.nn.Linear) -> torch.Tensor:
@@ -93,12 +106,14 @@ class _Layer:
 class LeanModel:
     """The lean step over a bound ``HybridModel``'s weights and live buffers."""
 
-    def __init__(self, hm: Any, use_cuda_kernels: bool | None = None, compile_glue: bool = False) -> None:
+    def __init__(self, hm: Any, use_cuda_kernels: bool | None = None, compile: str = "none") -> None:
         model = hm.model
         cfg = model.config
         self.kind = cfg.model_type
         if self.kind not in LEAN_FAMILIES:
             raise ValueError(f"no lean forward for {self.kind!r} (have {LEAN_FAMILIES})")
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, not {compile!r}")
         self.hm = hm
         self.cfg = cfg
         self.device = hm.live.device
@@ -116,13 +131,14 @@ class LeanModel:
             cos, sin = base.rotary_emb(probe, pos)  # transformers' own tables, every position
         self.cos, self.sin = cos.reshape(self.max_len, -1), sin.reshape(self.max_len, -1)
         types = cfg.layer_types if self.kind == "qwen3_5_text" else cfg.layers_block_type
-        # The elementwise glue (norms, SwiGLU, gated norms): plain PyTorch, or inductor-fused
-        # (one compiled kernel per chain and shape; compiled in the runner's probe, at configure).
-        self.compile_glue = compile_glue
-        wrap = (lambda f: torch.compile(f, dynamic=False)) if compile_glue else (lambda f: f)
-        if compile_glue:
+        # "glue": the elementwise chains (norms, SwiGLU, gated norms) each one compiled kernel per
+        # shape; "step": everything but the state kernels in one compiled graph per chunk size.
+        self.compile = compile
+        wrap = (lambda f: torch.compile(f, dynamic=False)) if compile == "glue" else (lambda f: f)
+        if compile != "none":
             from torch import _dynamo
             _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 64)
+        self._compiled_steps: dict[tuple[int, str | None], Callable] = {}
         self.rms, self.swiglu = wrap(_rms), wrap(_swiglu)
         self.gdn_norm, self.mamba_norm = wrap(_gdn_norm), wrap(_mamba_norm)
         self.layers: list[_Layer] = []
@@ -157,19 +173,37 @@ class LeanModel:
 
     # -- the step ------------------------------------------------------------------------------
     def attention_for(self, T: int, pos: torch.Tensor) -> Callable:
-        """The attention of a chunk of T rows (one flex block mask per T, shared by every layer)."""
+        """The attention of a chunk of T rows (one flex block mask per T, shared by every layer):
+        ``attend(q, k_cache, v_cache, scale, pos)``. Flex reads ``pos`` through its block mask,
+        so its position must be one fixed tensor; the reference takes each call's."""
         if self.attention != "flex":
-            return lambda q, k, v, scale: ops.attention_reference(q, k, v, pos, scale)
+            return lambda q, k, v, scale, pos: ops.attention_reference(q, k, v, pos, scale)
         if T not in self._flex:
-            self._flex[T] = ops.FlexAttention(T, self.max_len, self.device, pos, ops.compiled_flex())
+            # inside a compiled step flex_attention is traced with it; alone it needs its own compile
+            flex = ops.raw_flex() if self.compile == "step" else ops.compiled_flex()
+            self._flex[T] = ops.FlexAttention(T, self.max_len, self.device, pos, flex)
         fa = self._flex[T]
         if fa.pos is not pos:
             raise RuntimeError("the lean step's position must be one fixed device tensor")
         return fa
 
-    def step(self, x: torch.Tensor, pos: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, pos: torch.Tensor, n: torch.Tensor, only: str | None = None
+             ) -> torch.Tensor:
         """Append rows [0, n) of ``x`` [T, hidden] at ``pos``; returns hidden states [T, hidden]
-        after the final norm (rows past n are padding)."""
+        after the final norm (rows past n are padding). ``only`` ("gdn", "mamba" or "attn") runs
+        just the layers of that kind: what bench/ttft.py times for its per-layer roofline."""
+        T = x.shape[0]
+        attend = self.attention_for(T, pos)  # built outside any compiled code
+        if self.compile != "step":
+            return self._step(x, pos, n, attend, only)
+        if (T, only) not in self._compiled_steps:
+            def one_chunk(x: torch.Tensor, pos: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+                return self._step(x, pos, n, attend, only)
+            self._compiled_steps[T, only] = torch.compile(one_chunk, fullgraph=True, dynamic=False)
+        return self._compiled_steps[T, only](x, pos, n)
+
+    def _step(self, x: torch.Tensor, pos: torch.Tensor, n: torch.Tensor, attend: Callable,
+              only: str | None) -> torch.Tensor:
         T = x.shape[0]
         rows = torch.arange(T, device=self.device)
         valid = rows < n                                   # [T]
@@ -177,13 +211,14 @@ class LeanModel:
         positions = pos + rows
         cos = self.cos.index_select(0, torch.clamp(positions, max=self.max_len - 1))
         sin = self.sin.index_select(0, torch.clamp(positions, max=self.max_len - 1))
-        attend = self.attention_for(T, pos)
         if isinstance(attend, ops.FlexAttention):
             attend.set_length(pos + n)
         for layer in self.layers:
+            if only is not None and layer.kind != only:
+                continue
             hn = self.rms(h, layer.norm1, self.eps, self.zero_centered)
             if layer.kind == "attn":
-                mix = self._attn(layer, hn, positions, attend, cos, sin)
+                mix = self._attn(layer, hn, pos, positions, attend, cos, sin)
             elif layer.kind == "gdn":
                 mix = self._gdn(layer, hn, valid, n)
             else:
@@ -201,7 +236,14 @@ class LeanModel:
         K = conv.shape[-1]
         xs = torch.cat([conv[0], xbc.t().to(conv.dtype)], dim=1)   # [C, K + T]
         w = m.conv1d.weight                                # [C, 1, K]
-        out = F.conv1d(xs[None].to(w.dtype), w, m.conv1d.bias, groups=xs.shape[0])[0, :, 1:]
+        if self.compile == "step":  # K shifted products in float32: one fused kernel with the rest
+            T = xbc.shape[0]
+            wf = w[:, 0].float()
+            out = sum(wf[:, j:j + 1] * xs[:, 1 + j:1 + j + T].float() for j in range(K))
+            if m.conv1d.bias is not None:
+                out = out + m.conv1d.bias.float()[:, None]
+        else:
+            out = F.conv1d(xs[None].to(w.dtype), w, m.conv1d.bias, groups=xs.shape[0])[0, :, 1:]
         idx = n + torch.arange(K, device=xs.device)
         conv[0].copy_(xs.index_select(1, idx))
         return F.silu(out).to(xbc.dtype).t()               # [T, C]
@@ -219,8 +261,7 @@ class LeanModel:
         q = q.reshape(1, T, m.num_k_heads, m.head_k_dim).contiguous()
         k = k.reshape(1, T, m.num_k_heads, m.head_k_dim).contiguous()
         v = v.reshape(1, T, m.num_v_heads, m.head_v_dim).contiguous()
-        fn = ops.gdn_recurrent_cuda if self.cuda else ops.gdn_recurrent_reference
-        o = fn(q, k, v, a, b, m.A_log, m.dt_bias, layer.state["rec"])
+        o = ops.gdn_recurrent(q, k, v, a, b, m.A_log, m.dt_bias, layer.state["rec"], self.cuda)
         o = self.gdn_norm(o.reshape(T, m.num_v_heads, m.head_v_dim),
                           z.reshape(T, m.num_v_heads, m.head_v_dim), m.norm.weight, m.norm.variance_epsilon)
         return o.to(hn.dtype).reshape(T, -1) @ layer.w_out.t()
@@ -238,18 +279,15 @@ class LeanModel:
         x = x.reshape(T, m.num_heads, m.head_dim)
         B = B.reshape(T, m.n_groups, m.ssm_state_size)
         C = C.reshape(T, m.n_groups, m.ssm_state_size)
-        limit = tuple(m.time_step_limit)
-        if self.cuda:
-            s = ops.ssm_cuda(x, dt, m._lean_A, B, C, m.D, m.dt_bias, limit, layer.state["rec"],
-                             chunk_size=m.chunk_size)
-        else:
-            s = ops.ssm_reference(x, dt, m._lean_A, B, C, m.D, m.dt_bias, limit, layer.state["rec"])
+        lo, hi = (float(t) for t in m.time_step_limit)
+        s = ops.ssm_update(x, dt, m._lean_A, B, C, m.D,
+                           m.dt_bias, lo, hi, layer.state["rec"], m.chunk_size, self.cuda)
         s = self.mamba_norm(s.reshape(T, -1), gate, m.norm.weight, m.norm.group_size,
                             m.norm.variance_epsilon)
         return s.to(hn.dtype) @ layer.w_out.t()
 
-    def _attn(self, layer: _Layer, hn: torch.Tensor, positions: torch.Tensor, attend: Callable,
-              cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _attn(self, layer: _Layer, hn: torch.Tensor, pos: torch.Tensor, positions: torch.Tensor,
+              attend: Callable, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         a = layer.mod
         T = hn.shape[0]
         D = a.head_dim
@@ -271,9 +309,9 @@ class LeanModel:
         k = _rope(k.transpose(0, 1)[None], cos, sin)        # [1, hkv, T, D]
         kc, vc = layer.state["k"], layer.state["v"]         # [1, hkv, L, D]
         # Rows land at pos..pos+T-1; the runner never plans a chunk past the buffer's end.
-        kc.index_copy_(2, positions, k.to(kc.dtype))
-        vc.index_copy_(2, positions, v.transpose(0, 1)[None].to(vc.dtype))
-        o = attend(q, kc, vc, a.scaling)                    # [1, hq, T, D]
+        kc[:, :, positions] = k.to(kc.dtype)               # index_put: compiled in place
+        vc[:, :, positions] = v.transpose(0, 1)[None].to(vc.dtype)
+        o = attend(q, kc, vc, a.scaling, pos)               # [1, hq, T, D]
         o = o[0].transpose(0, 1).reshape(T, hq * D)
         if gate is not None:
             o = o * torch.sigmoid(gate)

@@ -44,7 +44,12 @@ def build_pipeline(config: NodeConfig, node_name: str = "/capsule_node",
         from ..models.hybrid import HybridModel
         model = HybridModel.load(spec)
     if model.live.device.type == "cuda" and m.cuda_graphs:
-        model.enable_graphs()  # graph-bound execution: restores copy into captured buffers
+        # graph-bound execution (restores copy into captured buffers): the lean step where the
+        # family has one and its kernels build, else transformers' modules captured
+        lean = m.cuda_step != "graph"
+        compile = m.cuda_step.partition("+")[2] or "none"
+        max_chunk = 1 << (m.chunk_size - 1).bit_length()  # appends come in chunk_size pieces
+        model.enable_graphs(max_chunk=max_chunk, lean=lean, compile=compile if lean else "none")
     if config.capsules.accept_other_execution:
         model.fingerprint = accepting_other_execution(model.fingerprint)
     caps = config.capsules

@@ -250,12 +250,12 @@ class LeanRunner:
     lean = True
 
     def __init__(self, model, chunks: tuple[int, ...] = (1, 16, 64, 512), max_chunk: int = 512,
-                 compile_glue: bool = False) -> None:
+                 compile: str = "none") -> None:
         from ..models.lean import LeanModel
         if model.live.device.type != "cuda":
             raise ValueError("the lean runner captures CUDA graphs: the live state must be on CUDA")
         self.model = model
-        self.lean_model = LeanModel(model, compile_glue=compile_glue)
+        self.lean_model = LeanModel(model, compile=compile)
         limit = min(max_chunk, model.max_len)
         self.chunks = tuple(sorted({1, *(c for c in chunks if c <= limit)}))
         self.max_chunk = self.chunks[-1]

@@ -12,12 +12,15 @@ from capsule_ros.runtime.engine import Engine
 pytestmark = pytest.mark.gpu
 CONFIGS = Path(__file__).resolve().parents[2] / "config" / "models"
 FAMILIES = ["default_qwen3_5.json", "tiny_bamba.json"]
+COMPILE = ["none", "step"]   # the uncompiled lean step, and the node's default (compiled whole)
 
-def lean(config: str, dtype: str = "float32", max_len: int = 1024, chunks=(1, 16, 64)) -> HybridModel:
+
+def lean(config: str, dtype: str = "float32", max_len: int = 1024, chunks=(1, 16, 64),
+         compile: str = "none") -> HybridModel:
     m = HybridModel.load(ModelSpec(config_file=str(CONFIGS / config), dtype=dtype, device="cuda",
                                    max_len=max_len))
-    m.enable_graphs(max_chunk=64, lean=True, chunks=chunks)
-    assert m.execution == "lean-cuda", m.lean_error
+    m.enable_graphs(max_chunk=64, lean=True, chunks=chunks, compile=compile)
+    assert m.execution == ("lean-cuda" if compile == "none" else f"lean-cuda+{compile}"), m.lean_error
     return m
 
 
@@ -37,9 +40,10 @@ def assert_same_state(a: dict, b: dict, rows: int) -> None:
         assert torch.equal(x, y), k
 
 
+@pytest.mark.parametrize("compile", COMPILE)
 @pytest.mark.parametrize("config", FAMILIES)
-def test_lean_logits_match_transformers_bf16_and_float32(config):
-    m = lean(config, dtype="bfloat16")
+def test_lean_logits_match_transformers_bf16_and_float32(config, compile):
+    m = lean(config, dtype="bfloat16", compile=compile)
     e = Engine(m, chunk_size=64)
     e.add_stream("a")
     vocab = m.model.config.vocab_size
@@ -61,9 +65,10 @@ def test_lean_logits_match_transformers_bf16_and_float32(config):
     assert int(ours.argmax()) == int(ref32.argmax())
 
 
+@pytest.mark.parametrize("compile", COMPILE)
 @pytest.mark.parametrize("config", FAMILIES)
-def test_capsule_path_is_bit_identical_to_the_lean_cold_path(config):
-    m = lean(config)
+def test_capsule_path_is_bit_identical_to_the_lean_cold_path(config, compile):
+    m = lean(config, compile=compile)
     e = Engine(m, chunk_size=64, full_journal=True)  # recompute replays the whole history
     e.add_stream("a")
     for i, n in enumerate((64, 48, 17)):
@@ -81,9 +86,10 @@ def test_capsule_path_is_bit_identical_to_the_lean_cold_path(config):
     e.abort()
 
 
+@pytest.mark.parametrize("compile", COMPILE)
 @pytest.mark.parametrize("config", FAMILIES)
-def test_restore_after_dirtying_is_exact_with_no_recapture_and_kv_only_diverges(config):
-    m = lean(config)
+def test_restore_after_dirtying_is_exact_with_no_recapture_and_kv_only_diverges(config, compile):
+    m = lean(config, compile=compile)
     e = Engine(m, chunk_size=64)
     m.warm_up(max_tokens=64)
     captures = m.captures
@@ -115,9 +121,10 @@ def test_restore_after_dirtying_is_exact_with_no_recapture_and_kv_only_diverges(
     assert m.captures == captures, "serving after warm_up must not capture"
 
 
+@pytest.mark.parametrize("compile", COMPILE)
 @pytest.mark.parametrize("config", FAMILIES)
-def test_padded_suffix_equals_the_unpadded_one(config):
-    m = lean(config)
+def test_padded_suffix_equals_the_unpadded_one(config, compile):
+    m = lean(config, compile=compile)
     exact = lean(config, chunks=(1, 7))  # same seeded weights; a 7-row graph: no padding
     outs = []
     for model in (m, m, exact):
