@@ -77,9 +77,7 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     ms, _ = timed(lambda: b.copy_(a), 10)
-    del a, b
-    torch.cuda.empty_cache()
-    return 2 * nbytes / (ms / 1e3)
+    return 2 * nbytes / (ms / 1e3)  # the buffers go with this frame
 
 
 def commit_id() -> str:
@@ -281,8 +279,7 @@ def measure(name: str, entry: dict, execution: str, prefixes: list[int], suffixe
                     "kernels_per_decode": kernels, "decode_gpu_us": round(gpu_us, 1),
                     "configure_s": round(configure_s, 1), "warm_up_s": round(info["seconds"], 1)})
             torch.cuda.empty_cache()
-    del engine, hm, model
-    torch.cuda.empty_cache()
+    # the model, its state and every capsule go with this frame (the caller empties the cache)
 
 
 COLUMNS = ["model", "execution", "prefix", "suffix", "capsule_ttft_ms", "decode_ms", "restore_ms",
@@ -361,6 +358,7 @@ def main() -> int:
         doc = {}  # the old, non-resumable format: start over
     doc.update(card=card, torch=torch.__version__)
     bw = copy_bandwidth()
+    torch.cuda.empty_cache()
     doc["copy_bandwidth_TBps"] = round(bw / 1e12, 3)
     print(f"card {card}; device copy {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     keys = {"rows": ("model", "execution", "prefix", "suffix"),
@@ -380,6 +378,7 @@ def main() -> int:
         measure(name, models[name], args.execution, [int(p) for p in args.prefixes.split(",")],
                 [int(s) for s in args.suffixes.split(",")], args.repeats, bw, commit,
                 args.roofline, save)
+        torch.cuda.empty_cache()
     report(doc, path, commit)
     return 0
 
