@@ -190,7 +190,7 @@ def roofline(hm: HybridModel, context: int, bw: float, repeats: int = 50) -> lis
                     "us_per_layer": round(ms * 1e3 / per, 2),
                     "bytes_per_layer": nbytes // per,
                     "achieved_GBps": round(nbytes / (ms / 1e3) / 1e9, 1),
-                    "card_floor_us_per_layer": round(nbytes / per / (bw / 2) * 1e6, 2),
+                    "card_floor_us_per_layer": round(nbytes / per / bw * 1e6, 2),
                     "thor_floor_us_per_layer": round(nbytes / per / THOR_BW * 1e6, 2)})
         del graph
     runner._put_back(saved)
@@ -275,7 +275,7 @@ def measure(name: str, entry: dict, execution: str, prefixes: list[int], suffixe
                     "bytes_per_decode_step": bd, "bytes_per_append": ba,
                     "thor_floor_ms": round(ba / THOR_BW * 1e3, 3),
                     "thor_floor_decode_ms": round(bd / THOR_BW * 1e3, 3),
-                    "card_floor_decode_ms": round(bd / (bw / 2) * 1e3, 3),
+                    "card_floor_decode_ms": round(bd / bw * 1e3, 3),
                     "kernels_per_decode": kernels, "decode_gpu_us": round(gpu_us, 1),
                     "configure_s": round(configure_s, 1), "warm_up_s": round(info["seconds"], 1)})
             torch.cuda.empty_cache()
