@@ -269,7 +269,9 @@ class HybridModel:
         for f, value in zip(self._flags, flags):
             self.cache.layers[f.layer].has_previous_state[f.state] = bool(value)
         self.position = int(meta["position"])
-        if write_device:
+        # transformers' cache keeps its write position on the device; the lean step never reads
+        # it (its position is the runner's), so a restore there launches no kernel for it
+        if write_device and not getattr(self.runner, "lean", False):
             for layer in self._attn_layers:
                 layer.cumulative_length.fill_(self.position)
 
