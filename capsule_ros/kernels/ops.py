@@ -148,6 +148,14 @@ def _ssm_update_shape(x, dt, A, B, C, D, dt_bias, dt_min, dt_max, state, chunk_s
     return x.new_empty(x.shape)  # the kernels return a contiguous output
 
 
+@torch.library.custom_op("capsule_ros::write_rows", mutates_args=("cache",))
+def write_rows(cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> None:
+    """``cache[:, :, positions] = rows`` in place (cache [1, H, L, D], a view of the live K/V
+    region). An opaque op: inductor's own index_put on a view of that shared region copied the
+    layer's whole K (and V) buffer out and back on every step, max_len rows, not one."""
+    cache.index_copy_(2, positions, rows)
+
+
 # -- attention -------------------------------------------------------------------------------
 def attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         pos: torch.Tensor, scale: float) -> torch.Tensor:

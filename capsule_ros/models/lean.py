@@ -309,8 +309,8 @@ class LeanModel:
         k = _rope(k.transpose(0, 1)[None], cos, sin)        # [1, hkv, T, D]
         kc, vc = layer.state["k"], layer.state["v"]         # [1, hkv, L, D]
         # Rows land at pos..pos+T-1; the runner never plans a chunk past the buffer's end.
-        kc[:, :, positions] = k.to(kc.dtype)               # index_put: compiled in place
-        vc[:, :, positions] = v.transpose(0, 1)[None].to(vc.dtype)
+        ops.write_rows(kc, k.to(kc.dtype), positions)      # in place, whatever compiles it
+        ops.write_rows(vc, v.transpose(0, 1)[None].to(vc.dtype), positions)
         o = attend(q, kc, vc, a.scaling, pos)               # [1, hq, T, D]
         o = o[0].transpose(0, 1).reshape(T, hq * D)
         if gate is not None:
