@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from capsule_ros.capsule.fingerprint import hash_text  # noqa: E402
 from capsule_ros.models.hybrid import HybridModel, ModelSpec  # noqa: E402
+from capsule_ros.models.lean import compile_mode_of  # noqa: E402
 from capsule_ros.runtime.engine import Engine  # noqa: E402
 
 THOR_BW = 273e9          # Jetson AGX Thor memory bandwidth, bytes/s
@@ -100,9 +101,8 @@ def build(entry: dict, max_len: int, execution: str) -> tuple[torch.nn.Module, H
     hm = HybridModel.bind(model, ModelSpec(dtype="bfloat16", device="cuda", max_len=max_len),
                           hash_text(json.dumps(entry, sort_keys=True)))
     t0 = time.perf_counter()
-    lean = execution != "graph"
-    hm.enable_graphs(max_chunk=512, lean=lean,
-                     compile=(execution.partition("+")[2] or "none") if lean else "none")
+    mode = compile_mode_of(execution)
+    hm.enable_graphs(max_chunk=512, lean=mode is not None, compile=mode or "none")
     if hm.execution != execution:
         raise SystemExit(f"asked for {execution}, got {hm.execution}: {hm.lean_error}")
     return model, hm, time.perf_counter() - t0

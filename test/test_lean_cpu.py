@@ -112,3 +112,13 @@ def test_the_step_compiled_whole_computes_the_uncompiled_step(family):
         assert torch.equal(got, again), spec.name
         err = ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
         assert err < 1e-5, f"{spec.name}: {err:.3g}"
+
+
+def test_every_cuda_step_the_node_accepts_names_a_lean_mode_or_the_graph_path():
+    from capsule_ros.config import CUDA_STEPS
+    from capsule_ros.models.lean import COMPILE_MODES, compile_mode_of, execution_name
+    modes = {step: compile_mode_of(step) for step in CUDA_STEPS}
+    assert modes == {"lean-cuda+step": "step", "lean-cuda+glue": "glue", "lean-cuda": "none",
+                     "graph": None}
+    assert all(execution_name(mode) == step for step, mode in modes.items() if mode is not None)
+    assert set(COMPILE_MODES) == {m for m in modes.values() if m is not None}

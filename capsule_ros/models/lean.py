@@ -38,6 +38,15 @@ def execution_name(compile: str) -> str:
     return "lean-cuda" if compile == "none" else f"lean-cuda+{compile}"
 
 
+def compile_mode_of(execution: str) -> str | None:
+    """The compile mode an execution name asks for ("lean-cuda+step" -> "step"); None when it
+    names no lean path ("graph")."""
+    for mode in COMPILE_MODES:
+        if execution_name(mode) == execution:
+            return mode
+    return None
+
+
 def _merge(*linears: torch.nn.Linear) -> torch.Tensor:
     """One weight for several projections of the same input; the modules keep views of it."""
     merged = torch.cat([lin.weight.detach() for lin in linears])

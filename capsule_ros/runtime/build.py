@@ -46,10 +46,10 @@ def build_pipeline(config: NodeConfig, node_name: str = "/capsule_node",
     if model.live.device.type == "cuda" and m.cuda_graphs:
         # graph-bound execution (restores copy into captured buffers): the lean step where the
         # family has one and its kernels build, else transformers' modules captured
-        lean = m.cuda_step != "graph"
-        compile = m.cuda_step.partition("+")[2] or "none"
+        from ..models.lean import compile_mode_of
+        mode = compile_mode_of(m.cuda_step)
         max_chunk = 1 << (m.chunk_size - 1).bit_length()  # appends come in chunk_size pieces
-        model.enable_graphs(max_chunk=max_chunk, lean=lean, compile=compile if lean else "none")
+        model.enable_graphs(max_chunk=max_chunk, lean=mode is not None, compile=mode or "none")
     if config.capsules.accept_other_execution:
         model.fingerprint = accepting_other_execution(model.fingerprint)
     caps = config.capsules
