@@ -28,15 +28,11 @@ sys.path.insert(0, str(ROOT))  # run from a checkout
 from capsule_ros.config import load_yaml  # noqa: E402
 from capsule_ros.offline import run_offline  # noqa: E402
 from capsule_ros.runtime.build import build_pipeline  # noqa: E402
+from capsule_ros.runtime.figures import percentile  # noqa: E402
 from capsule_ros.runtime.outcome import Answer  # noqa: E402
 
 BAG = ROOT / "test" / "data" / "demo_bag"
 PARTS = ("encode_ms", "restore_ms", "append_ms", "act_ms", "commit_ms")
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def main() -> int:
@@ -77,10 +73,10 @@ def main() -> int:
     for part in PARTS:
         xs = [getattr(a, part) for a in answers]
         row[part.replace("_ms", "_p50_ms")] = round(statistics.median(xs), 3)
-        row[part.replace("_ms", "_p99_ms")] = round(pct(xs, 0.99), 3)
+        row[part.replace("_ms", "_p99_ms")] = round(percentile(xs, 99), 3)
     totals = [sum(getattr(a, p) for p in PARTS) for a in answers]
     row["query_p50_ms"] = round(statistics.median(totals), 3)
-    row["query_p99_ms"] = round(pct(totals, 0.99), 3)
+    row["query_p99_ms"] = round(percentile(totals, 99), 3)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"pipeline_gpu_{card}.json").write_text(json.dumps(row, indent=1) + "\n")

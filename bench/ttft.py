@@ -49,6 +49,7 @@ from capsule_ros.capsule.fingerprint import hash_text  # noqa: E402
 from capsule_ros.models.hybrid import HybridModel, ModelSpec  # noqa: E402
 from capsule_ros.models.lean import compile_mode_of  # noqa: E402
 from capsule_ros.runtime.engine import Engine  # noqa: E402
+from capsule_ros.runtime.figures import percentile  # noqa: E402
 
 THOR_BW = 273e9          # Jetson AGX Thor memory bandwidth, bytes/s
 EXECUTIONS = ("lean-cuda+step", "lean-cuda+glue", "lean-cuda", "graph")
@@ -69,8 +70,7 @@ def timed(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
         fn()
         sync()
         ts.append((time.perf_counter() - t0) * 1e3)
-    ts.sort()
-    return statistics.median(ts), ts[min(len(ts) - 1, int(0.99 * len(ts)))]
+    return statistics.median(ts), percentile(ts, 99)
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
@@ -163,37 +163,28 @@ def roofline(hm: HybridModel, context: int, bw: float, repeats: int = 50) -> lis
     layer; beside its bytes (weights, state read + written, K/V read at ``context``)."""
     runner, lean = hm.runner, hm.runner.lean_model
     kinds = sorted({layer.kind for layer in lean.layers})
-    saved = runner._scratch()
     out = []
-    x = runner._inputs[1]
-    x.normal_()
-    runner.pos.fill_(context)
-    runner.n.fill_(1)
-    for kind in kinds + ["all"]:
-        only = None if kind == "all" else kind
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                lean.step(x, runner.pos, runner.n, only)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=runner.pool):
-            lean.step(x, runner.pos, runner.n, only)
-        ms, _ = timed(graph.replay, repeats)
-        layers = [i for i, layer in enumerate(lean.layers) if only is None or layer.kind == only]
-        mods = [hm.model.model.layers[i] for i in layers]
-        names = [s.name for s in hm.live.layout.specs if int(s.name.split(".")[0][1:]) in layers]
-        nbytes = sum(weight_bytes(m) for m in mods) + state_bytes(hm, names, context, 1)
-        per = len(layers)
-        out.append({"kind": kind, "layers": per, "context": context,
-                    "us_per_layer": round(ms * 1e3 / per, 2),
-                    "bytes_per_layer": nbytes // per,
-                    "achieved_GBps": round(nbytes / (ms / 1e3) / 1e9, 1),
-                    "card_floor_us_per_layer": round(nbytes / per / bw * 1e6, 2),
-                    "thor_floor_us_per_layer": round(nbytes / per / THOR_BW * 1e6, 2)})
-        del graph
-    runner._put_back(saved)
+    with runner.kept_state():
+        x = runner._inputs[1]
+        x.normal_()
+        runner.pos.fill_(context)
+        runner.n.fill_(1)
+        for kind in kinds + ["all"]:
+            only = None if kind == "all" else kind
+            graph, _ = runner.record(lambda: lean.step(x, runner.pos, runner.n, only))
+            ms, _ = timed(graph.replay, repeats)
+            del graph
+            layers = [i for i, layer in enumerate(lean.layers) if only is None or layer.kind == only]
+            mods = [hm.model.model.layers[i] for i in layers]
+            names = [s.name for s in hm.live.layout.specs if int(s.name.split(".")[0][1:]) in layers]
+            nbytes = sum(weight_bytes(m) for m in mods) + state_bytes(hm, names, context, 1)
+            per = len(layers)
+            out.append({"kind": kind, "layers": per, "context": context,
+                        "us_per_layer": round(ms * 1e3 / per, 2),
+                        "bytes_per_layer": nbytes // per,
+                        "achieved_GBps": round(nbytes / (ms / 1e3) / 1e9, 1),
+                        "card_floor_us_per_layer": round(nbytes / per / bw * 1e6, 2),
+                        "thor_floor_us_per_layer": round(nbytes / per / THOR_BW * 1e6, 2)})
     return out
 
 

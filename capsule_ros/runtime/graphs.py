@@ -21,7 +21,9 @@ the graph, eagerly, with the stream's generator whose state travels in the capsu
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -276,49 +278,54 @@ class LeanRunner:
         logits = self.model.logits(last)
         return hidden, logits, logits.argmax()
 
-    def _scratch(self):
+    @contextlib.contextmanager
+    def kept_state(self) -> Iterator[None]:
+        """The live buffers and metadata as they were, whatever runs inside (probe inputs,
+        capture warm-ups and captures write into them)."""
         m = self.model
-        return {k: r.clone() for k, r in m.live.regions.items()}, m.read_meta()
+        regions, meta = {k: r.clone() for k, r in m.live.regions.items()}, m.read_meta()
+        try:
+            yield
+        finally:
+            for k, r in m.live.regions.items():
+                r.copy_(regions[k])
+            m.write_meta(meta)
 
-    def _put_back(self, saved) -> None:
-        regions, meta = saved
-        for k, r in self.model.live.regions.items():
-            r.copy_(regions[k])
-        self.model.write_meta(meta)
+    def record(self, fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+        """``fn`` captured as a CUDA graph in this runner's pool, and what it returned; two runs
+        on a side stream first, so compilation, autotuning and allocation stay out of it."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = fn()
+        return graph, out
 
     @torch.no_grad()
     def probe(self) -> None:
         """Run every chunk size once, uncaptured, on scratch state: compiles the Triton kernels
         and the attention, so a kernel that cannot build fails here (at configure), not later."""
-        saved = self._scratch()
-        try:
+        with self.kept_state():
             for chunk in self.chunks:
                 self._inputs[chunk].normal_()
                 self.pos.fill_(0)
                 self.n.fill_(chunk)
                 self._step(chunk)
             torch.cuda.synchronize(self.device)
-        finally:
-            self._put_back(saved)
 
     @torch.no_grad()
     def capture(self, chunk: int) -> _Captured:
         if chunk in self.graphs:
             return self.graphs[chunk]
-        saved = self._scratch()
-        self._inputs[chunk].normal_()  # no zeros: they can hide unwritten paths
-        self.pos.fill_(0)
-        self.n.fill_(chunk)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # compile, autotune, allocate outside the capture
-            for _ in range(2):
-                self._step(chunk)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            hidden, logits, token = self._step(chunk)
-        self._put_back(saved)
+        with self.kept_state():
+            self._inputs[chunk].normal_()  # no zeros: they can hide unwritten paths
+            self.pos.fill_(0)
+            self.n.fill_(chunk)
+            graph, (hidden, logits, token) = self.record(lambda: self._step(chunk))
         self.graphs[chunk] = _Captured(graph, hidden, logits, token)
         self.captures += 1
         return self.graphs[chunk]
@@ -332,15 +339,14 @@ class LeanRunner:
 
     @torch.no_grad()
     def warm_up(self, max_tokens: int | None = None) -> int:
-        saved = self._scratch()
         chunks = self.variants(max_tokens)
-        for chunk in chunks:
-            cap = self.capture(chunk)
-            self.pos.fill_(0)
-            self.n.fill_(chunk)
-            cap.graph.replay()
-        torch.cuda.synchronize(self.device)
-        self._put_back(saved)
+        with self.kept_state():
+            for chunk in chunks:
+                cap = self.capture(chunk)
+                self.pos.fill_(0)
+                self.n.fill_(chunk)
+                cap.graph.replay()
+            torch.cuda.synchronize(self.device)
         return len(chunks)
 
     @torch.no_grad()
