@@ -163,7 +163,7 @@ def roofline(hm: HybridModel, context: int, bw: float, repeats: int = 50) -> lis
     layer; beside its bytes (weights, state read + written, K/V read at ``context``)."""
     runner, lean = hm.runner, hm.runner.lean_model
     kinds = sorted({layer.kind for layer in lean.layers})
-    out = []
+    out, graphs = [], []  # kept to the end: a pool whose graphs are all freed is gone
     with runner.kept_state():
         x = runner._inputs[1]
         x.normal_()
@@ -173,7 +173,7 @@ def roofline(hm: HybridModel, context: int, bw: float, repeats: int = 50) -> lis
             only = None if kind == "all" else kind
             graph, _ = runner.record(lambda: lean.step(x, runner.pos, runner.n, only))
             ms, _ = timed(graph.replay, repeats)
-            del graph
+            graphs.append(graph)
             layers = [i for i, layer in enumerate(lean.layers) if only is None or layer.kind == only]
             mods = [hm.model.model.layers[i] for i in layers]
             names = [s.name for s in hm.live.layout.specs if int(s.name.split(".")[0][1:]) in layers]
