@@ -31,6 +31,9 @@ from capsule_ros.runtime.build import build_pipeline  # noqa: E402
 from capsule_ros.runtime.figures import percentile  # noqa: E402
 from capsule_ros.runtime.outcome import Answer  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from ttft import commit_id  # noqa: E402
+
 BAG = ROOT / "test" / "data" / "demo_bag"
 PARTS = ("encode_ms", "restore_ms", "append_ms", "act_ms", "commit_ms")
 
@@ -43,6 +46,8 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", help="cpu: a rehearsal of this script, no figure")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
+    if args.passes < 2:
+        ap.error("--passes must be at least 2: the first pass is not timed")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench/pipeline_gpu.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -66,7 +71,7 @@ def main() -> int:
         per_pass.append(len(got))
         if i:  # the first pass pays the first-use costs a warm-up does not (allocator growth)
             answers += got
-    row = {"card": card, "execution": model.execution, "dtype": args.dtype,
+    row = {"card": card, "commit": commit_id(), "execution": model.execution, "dtype": args.dtype,
            "configure_s": round(configure_s, 1), "graphs": info["captures"],
            "captures_while_serving": model.captures - captures,
            "answers_per_pass": per_pass, "queries_timed": len(answers)}
