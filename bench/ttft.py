@@ -24,7 +24,10 @@ Per row (random weights, bf16, models from bench/models.json; ``execution`` as t
   embedding table not), recurrent + conv state read and written, the valid K/V read and the new
   rows written; thor_floor_ms / thor_floor_decode_ms: those bytes at 273 GB/s (Jetson AGX Thor);
 * kernels_per_decode, decode_gpu_us: kernels one uncaptured decode step launches and their
-  summed GPU time (torch.profiler): decode_ms minus that is launch gaps and host work.
+  summed GPU time (torch.profiler): decode_ms minus that is launch gaps and host work. The same
+  profile per model for a decode step and a 16-row chunk (a 7-token suffix) goes to the
+  ``profiles`` table: GPU time per kind of kernel (matmul, attention, state kernels, inductor's
+  fused kernels, copies) and the 15 costliest kernels by name.
 ``--roofline`` adds, per layer kind, the time of one decode step through only the layers of that
 kind (captured, replayed; divided by their number) beside the bytes each layer must move.
 Host timer with a device synchronize around each timed region: what a caller waits for. Each
@@ -141,20 +144,50 @@ def step_bytes(hm: HybridModel, context: int, new_rows: int) -> int:
     return weights + state_bytes(hm, [s.name for s in hm.live.layout.specs], context, new_rows)
 
 
-def profile_decode(hm: HybridModel) -> tuple[int, float]:
-    """Kernels one uncaptured decode step launches and their summed GPU time (us)."""
+# kernel name patterns -> what they do (first match wins; the rest is "other")
+KERNEL_KINDS = (("matmul", ("gemv", "gemm", "cutlass", "xmma", "cublas", "splitk", "skinny", "row_kernel",
+                            "rows_kernel")),
+                ("attention", ("flex",)),
+                ("gated delta rule", ("gated_delta",)),
+                ("mamba2 state", ("selective", "ssd", "chunk_scan", "chunk_state", "state_passing")),
+                ("copy / fill", ("memcpy", "memset", "copy", "fill")),
+                ("inductor fused", ("triton_",)))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, parts in KERNEL_KINDS:
+        if any(p in low for p in parts):
+            return kind
+    return "other"
+
+
+def profile_step(hm: HybridModel, rows: int) -> dict:
+    """One uncaptured step of ``rows`` tokens (the runner's eager path: the same kernels, launched
+    one by one): kernels launched, their summed GPU time, and both per kind and per kernel name."""
     from torch.profiler import ProfilerActivity, profile
-    x = hm.embed_tokens([5])
+    x = hm.embed_tokens([5] * rows)
     hm.use_graphs = False
     try:
-        hm.forward(x)  # the eager path of this runner: same kernels, launched one by one
+        hm.forward(x)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             hm.forward(x)
             sync()
     finally:
         hm.use_graphs = True
     evs = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    return len(evs), sum(e.device_time for e in evs)
+    kinds: dict[str, list] = {}
+    names: dict[str, list] = {}
+    for e in evs:
+        for table, key in ((kinds, kernel_kind(e.name)), (names, e.name)):
+            entry = table.setdefault(key, [0, 0.0])
+            entry[0] += 1
+            entry[1] += e.device_time
+    top = sorted(names.items(), key=lambda kv: -kv[1][1])[:15]
+    return {"rows": rows, "kernels": len(evs), "gpu_us": round(sum(e.device_time for e in evs), 1),
+            "by_kind": {k: {"kernels": n, "us": round(us, 1)} for k, (n, us) in
+                        sorted(kinds.items(), key=lambda kv: -kv[1][1])},
+            "top_kernels": [{"name": k[:120], "kernels": n, "us": round(us, 1)} for k, (n, us) in top]}
 
 
 @torch.no_grad()
@@ -199,7 +232,10 @@ def measure(name: str, entry: dict, execution: str, prefixes: list[int], suffixe
     emb = hm.token_embedding()
     gen = torch.Generator(device="cuda").manual_seed(1)
     vocab = entry["config"]["vocab_size"]
-    kernels, gpu_us = profile_decode(hm)
+    profiles = [profile_step(hm, rows) for rows in (1, 16)]  # decode, a 7-token suffix's chunk
+    for p in profiles:
+        save("profiles", {"model": name, "execution": execution, "commit": commit, **p})
+    kernels, gpu_us = profiles[0]["kernels"], profiles[0]["gpu_us"]
     with torch.no_grad():
         for prefix in prefixes:
             ids = {s: torch.randint(1, vocab, (prefix + max(suffixes),), device="cuda", generator=gen)
@@ -295,6 +331,13 @@ def report(doc: dict, path: Path, commit: str | None) -> None:
         print("|" + "---|" * len(cols))
         for r in items:
             print("| " + " | ".join(str(r.get(c)) for c in cols) + " |")
+    profiles = [p for p in doc.get("profiles", []) if p["commit"] == commit]
+    if profiles:
+        print("| model | rows | kind | kernels | GPU us |")
+        print("|---|---:|---|---:|---:|")
+        for p in profiles:
+            for kind, v in p["by_kind"].items():
+                print(f"| {p['model']} | {p['rows']} | {kind} | {v['kernels']} | {v['us']} |")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -353,7 +396,8 @@ def main() -> int:
     doc["copy_bandwidth_TBps"] = round(bw / 1e12, 3)
     print(f"card {card}; device copy {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     keys = {"rows": ("model", "execution", "prefix", "suffix"),
-            "roofline": ("model", "execution", "context", "kind")}
+            "roofline": ("model", "execution", "context", "kind"),
+            "profiles": ("model", "execution", "rows")}
 
     def save(table: str, row: dict) -> None:
         key = tuple(row[k] for k in keys[table])
