@@ -149,11 +149,12 @@ def step_bytes(hm: HybridModel, context: int, new_rows: int) -> int:
 
 
 # kernel name patterns -> what they do (first match wins; the rest is "other")
-KERNEL_KINDS = (("matmul", ("gemv", "gemm", "cutlass", "xmma", "cublas", "splitk", "skinny", "row_kernel",
-                            "rows_kernel")),
+KERNEL_KINDS = (("matmul", ("gemv", "gemm", "cutlass", "xmma", "cublas", "splitk", "skinny",
+                            "row_kernel", "rows_kernel")),
                 ("attention", ("flex",)),
                 ("gated delta rule", ("gated_delta",)),
-                ("mamba2 state", ("selective", "ssd", "chunk_scan", "chunk_state", "state_passing")),
+                ("mamba2 state", ("selective", "ssd", "chunk_scan", "chunk_state",
+                                  "state_passing")),
                 ("copy / fill", ("memcpy", "memset", "copy", "fill")),
                 ("inductor fused", ("triton_",)))
 
@@ -191,7 +192,8 @@ def profile_step(hm: HybridModel, rows: int) -> dict:
     return {"rows": rows, "kernels": len(evs), "gpu_us": round(sum(e.device_time for e in evs), 1),
             "by_kind": {k: {"kernels": n, "us": round(us, 1)} for k, (n, us) in
                         sorted(kinds.items(), key=lambda kv: -kv[1][1])},
-            "top_kernels": [{"name": k[:120], "kernels": n, "us": round(us, 1)} for k, (n, us) in top]}
+            "top_kernels": [{"name": k[:120], "kernels": n, "us": round(us, 1)}
+                            for k, (n, us) in top]}
 
 
 @torch.no_grad()
@@ -248,14 +250,14 @@ def measure(name: str, entry: dict, execution: str, prefixes: list[int], suffixe
         if do_roofline and hm.runner.lean:
             compile_roofline_steps(hm)
         with torch.no_grad():  # transformers' own Triton kernels (fla, mamba-ssm) built once too
-            model(input_ids=torch.randint(1, entry["config"]["vocab_size"], (1, 1024), device="cuda"),
-                  use_cache=True, logits_to_keep=1)
+            ids = torch.randint(1, entry["config"]["vocab_size"], (1, 1024), device="cuda")
+            model(input_ids=ids, use_cache=True, logits_to_keep=1)
         return
     engine = Engine(hm, chunk_size=max_len)  # the runner plans its own chunks
     emb = hm.token_embedding()
     gen = torch.Generator(device="cuda").manual_seed(1)
     vocab = entry["config"]["vocab_size"]
-    profiles = [profile_step(hm, rows) for rows in (1, 16)]  # decode, a 7-token suffix's chunk
+    profiles = [profile_step(hm, rows) for rows in (1, 16)]  # decode; a 7-token suffix's chunk
     for p in profiles:
         save("profiles", {"model": name, "execution": execution, "commit": commit, **p})
     kernels, gpu_us = profiles[0]["kernels"], profiles[0]["gpu_us"]
