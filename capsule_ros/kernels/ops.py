@@ -10,8 +10,10 @@ and q/k l2norm inside, initial and final state the same buffer); mamba-ssm's Tri
 ``flex_attention`` with a block mask whose block count is a device tensor.
 
 The state ops are also registered as ``torch.library`` custom ops (``capsule_ros::gdn_recurrent``,
-``capsule_ros::ssm_update``): opaque to inductor, so the whole lean step can be compiled around
-them (models/lean.py, ``compile="step"``) with the Triton kernels launched as they are.
+``capsule_ros::ssm_update``), as are the K/V row write and the few-row matmul
+(``capsule_ros::write_rows``, ``capsule_ros::skinny_mm``): opaque to inductor, so the whole lean
+step can be compiled around them (models/lean.py, ``compile="step"``) with the Triton kernels
+launched as they are.
 """
 from __future__ import annotations
 
@@ -154,6 +156,19 @@ def write_rows(cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor)
     region). An opaque op: inductor's own index_put on a view of that shared region copied the
     layer's whole K (and V) buffer out and back on every step, max_len rows, not one."""
     cache.index_copy_(2, positions, rows)
+
+
+@torch.library.custom_op("capsule_ros::skinny_mm", mutates_args=())
+def skinny_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` for a few rows of x on CUDA: the fixed-tiling Triton kernels of
+    kernels/skinny_mm.py (an op of its own, so a compiled step launches it as it is)."""
+    from .skinny_mm import skinny_mm as kernel
+    return kernel(x if x.stride(-1) == 1 else x.contiguous(), w)
+
+
+@skinny_mm.register_fake
+def _skinny_mm_shape(x, w):
+    return x.new_empty(x.shape[0], w.shape[0])
 
 
 # -- attention -------------------------------------------------------------------------------

@@ -28,6 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import ops
+from ..kernels.skinny_mm import MAX_ROWS
+
+# Matmuls of up to this many rows use the skinny Triton kernels on CUDA (kernels/skinny_mm.py);
+# longer chunks, and every CPU step, use PyTorch's. 0 turns them off (a benchmark's baseline).
+SKINNY_MAX_ROWS = MAX_ROWS
 
 LEAN_FAMILIES = ("qwen3_5_text", "bamba")
 COMPILE_MODES = ("none", "glue", "step")
@@ -130,6 +135,7 @@ class LeanModel:
         self.max_len = hm.max_len
         self.cuda = self.device.type == "cuda" if use_cuda_kernels is None else use_cuda_kernels
         self.attention = "flex" if self.cuda else "reference"
+        self.skinny_rows = SKINNY_MAX_ROWS if self.cuda else 0
         self.zero_centered = self.kind == "qwen3_5_text"
         self.eps = cfg.rms_norm_eps
         base = model.model
@@ -234,8 +240,14 @@ class LeanModel:
                 mix = self._mamba(layer, hn, valid, n)
             h = h + mix
             hn = self.rms(h, layer.norm2, self.eps, self.zero_centered)
-            h = h + self.swiglu(hn @ layer.w_gate_up.t()) @ layer.w_down.t()
+            h = h + self._mm(self.swiglu(self._mm(hn, layer.w_gate_up)), layer.w_down)
         return self.rms(h, self.final_norm, self.eps, self.zero_centered)
+
+    def _mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``x @ w.T``: the skinny kernels for a few rows on CUDA, PyTorch's otherwise."""
+        if x.shape[0] <= self.skinny_rows:
+            return ops.skinny_mm(x, w)
+        return x @ w.t()
 
     def _conv(self, layer: _Layer, xbc: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         """Causal depthwise conv over [conv state | the chunk] + SiLU; the state becomes the last
@@ -260,7 +272,7 @@ class LeanModel:
     def _gdn(self, layer: _Layer, hn: torch.Tensor, valid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         m = layer.mod
         T = hn.shape[0]
-        y = hn @ layer.w_in.t()
+        y = self._mm(hn, layer.w_in)
         qkv, z, b, a = torch.split(y, [m.conv_dim, m.value_dim, m.num_v_heads, m.num_v_heads], dim=-1)
         qkv = self._conv(layer, qkv, n)
         q, k, v = torch.split(qkv, [m.key_dim, m.key_dim, m.value_dim], dim=-1)
@@ -273,12 +285,12 @@ class LeanModel:
         o = ops.gdn_recurrent(q, k, v, a, b, m.A_log, m.dt_bias, layer.state["rec"], self.cuda)
         o = self.gdn_norm(o.reshape(T, m.num_v_heads, m.head_v_dim),
                           z.reshape(T, m.num_v_heads, m.head_v_dim), m.norm.weight, m.norm.variance_epsilon)
-        return o.to(hn.dtype).reshape(T, -1) @ layer.w_out.t()
+        return self._mm(o.to(hn.dtype).reshape(T, -1), layer.w_out)
 
     def _mamba(self, layer: _Layer, hn: torch.Tensor, valid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         m = layer.mod
         T = hn.shape[0]
-        y = hn @ layer.w_in.t()
+        y = self._mm(hn, layer.w_in)
         gate, xbc, dt = torch.split(y, [m.intermediate_size, m.conv_dim, m.num_heads], dim=-1)
         xbc = self._conv(layer, xbc, n)
         gs = m.n_groups * m.ssm_state_size
@@ -293,7 +305,7 @@ class LeanModel:
                            m.dt_bias, lo, hi, layer.state["rec"], m.chunk_size, self.cuda)
         s = self.mamba_norm(s.reshape(T, -1), gate, m.norm.weight, m.norm.group_size,
                             m.norm.variance_epsilon)
-        return s.to(hn.dtype) @ layer.w_out.t()
+        return self._mm(s.to(hn.dtype), layer.w_out)
 
     def _attn(self, layer: _Layer, hn: torch.Tensor, pos: torch.Tensor, positions: torch.Tensor,
               attend: Callable, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -302,7 +314,7 @@ class LeanModel:
         D = a.head_dim
         hq = self.cfg.num_attention_heads
         hkv = self.cfg.num_key_value_heads
-        y = hn @ layer.w_in.t()
+        y = self._mm(hn, layer.w_in)
         qw = hq * D * (2 if self.kind == "qwen3_5_text" else 1)
         qg, k, v = torch.split(y, [qw, hkv * D, hkv * D], dim=-1)
         gate = None
@@ -324,4 +336,4 @@ class LeanModel:
         o = o[0].transpose(0, 1).reshape(T, hq * D)
         if gate is not None:
             o = o * torch.sigmoid(gate)
-        return o @ layer.w_out.t()
+        return self._mm(o, layer.w_out)

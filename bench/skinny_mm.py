@@ -1,0 +1,147 @@
+"""Few-row matmuls on a GPU: cuBLAS (``x @ w.T``) vs the skinny Triton kernels, side by side.
+
+    python bench/skinny_mm.py                    # every projection shape of bench/models.json
+    python bench/skinny_mm.py --step qwen3_5_text   # + the whole lean decode step, both ways
+
+Per (rows, N, K): both kernels captured in CUDA graphs that each run the product over ``--copies``
+distinct weight copies in turn (more bytes than the L2 holds, so every weight comes from HBM),
+replayed ``--repeats`` times; us per product and the weight bytes per second. ``--step`` also
+builds the model's lean step (compiled whole, bf16) twice, without and with the skinny kernels
+(models/lean.SKINNY_MAX_ROWS), and times one captured decode step each (the LM head included)
+with its relative logit difference. Writes ``bench/results/skinny_mm_<card>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]  # run from a checkout
+
+from capsule_ros.kernels.skinny_mm import skinny_mm  # noqa: E402
+from ttft import commit_id, timed  # noqa: E402
+
+
+def shapes(entry: dict) -> set[tuple[int, int]]:
+    """(N, K) of every projection a lean step of this model runs, from a meta-device build."""
+    from transformers import AutoModelForCausalLM, CONFIG_MAPPING
+    cfg = CONFIG_MAPPING[entry["model_type"]](**entry["config"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    out = set()
+    for layer in model.model.layers:
+        merged: dict[str, list[int]] = {}  # the lean step merges the projections of one input
+        for name, mod in layer.named_modules():
+            if not isinstance(mod, torch.nn.Linear):
+                continue
+            block, leaf = name.split(".")[0], name.split(".")[-1]  # mixer or MLP; projection
+            if leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj") or leaf.startswith("in_proj"):
+                n, k = merged.setdefault(block, [0, mod.in_features])
+                merged[block] = [n + mod.out_features, k]
+            else:
+                out.add((mod.out_features, mod.in_features))
+        out.update((n, k) for n, k in merged.values())
+    return out
+
+
+def product(rows: int, n: int, k: int, copies: int, repeats: int) -> dict:
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    row = {"rows": rows, "N": n, "K": k, "weight_MB": round(n * k * 2 / 1e6, 2)}
+    for name, fn in (("cublas", lambda w: x @ w.t()), ("skinny", lambda w: skinny_mm(x, w))):
+        for w in ws[:2]:
+            fn(w)  # compile / pick the kernel outside the graph
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for w in ws:
+                fn(w)
+        ms, _ = timed(graph.replay, repeats)
+        us = ms * 1e3 / copies
+        row[f"{name}_us"] = round(us, 2)
+        row[f"{name}_TBps"] = round(n * k * 2 / (us / 1e6) / 1e12, 2)
+    row["speedup"] = round(row["cublas_us"] / row["skinny_us"], 2)
+    return row
+
+
+def decode_step(entry: dict, skinny: bool, repeats: int) -> dict:
+    from transformers import AutoModelForCausalLM, CONFIG_MAPPING
+    from capsule_ros.capsule.fingerprint import hash_text
+    from capsule_ros.kernels.skinny_mm import MAX_ROWS
+    from capsule_ros.models import lean
+    from capsule_ros.models.hybrid import HybridModel, ModelSpec
+    lean.SKINNY_MAX_ROWS = MAX_ROWS if skinny else 0
+    cfg = CONFIG_MAPPING[entry["model_type"]](**entry["config"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    hm = HybridModel.bind(model.cuda().eval(), ModelSpec(dtype="bfloat16", device="cuda", max_len=4096),
+                          hash_text("skinny" if skinny else "cublas"))
+    t0 = time.perf_counter()
+    hm.enable_graphs(max_chunk=1, lean=True, chunks=(1,), compile="step")
+    compile_s = time.perf_counter() - t0
+    if hm.execution != "lean-cuda+step":
+        raise SystemExit(f"lean step unavailable: {hm.lean_error}")
+    runner = hm.runner
+    cap = runner.capture(1)
+    with torch.no_grad(), runner.kept_state():
+        g = torch.Generator(device="cuda").manual_seed(5)
+        runner._inputs[1].copy_(torch.randn(1, hm.hidden_size, device="cuda", generator=g))
+        runner.pos.fill_(2048)
+        runner.n.fill_(1)
+        ms, p99 = timed(cap.graph.replay, repeats)
+        cap.graph.replay()
+        logits = cap.logits.float().clone()
+    lean.SKINNY_MAX_ROWS = MAX_ROWS
+    return {"skinny": skinny, "decode_step_ms": round(ms, 4), "p99_ms": round(p99, 4),
+            "compile_s": round(compile_s, 1), "logits": logits}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=str(Path(__file__).with_name("models.json")))
+    ap.add_argument("--rows", default="1,16,64")
+    ap.add_argument("--copies", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--step", default="", help="also A/B the whole lean decode step of this model")
+    ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/skinny_mm.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    card = torch.cuda.get_device_name(0).replace(" ", "-")
+    models = json.loads(Path(args.models).read_text())["models"]
+    todo = sorted(set().union(*(shapes(e) for e in models.values())))
+    doc = {"card": card, "commit": commit_id(), "torch": torch.__version__, "products": [], "step": []}
+    with torch.no_grad():
+        for rows in (int(r) for r in args.rows.split(",")):
+            for n, k in todo:
+                row = product(rows, n, k, args.copies, args.repeats)
+                doc["products"].append(row)
+                print(json.dumps(row), flush=True)
+                torch.cuda.empty_cache()
+    if args.step:
+        base, new = (decode_step(models[args.step], s, args.repeats * 4) for s in (False, True))
+        rel = float((new.pop("logits") - base["logits"]).norm() / base["logits"].norm())
+        base.pop("logits")
+        doc["step"] = [{"model": args.step, **base}, {"model": args.step, **new,
+                                                       "logits_rel_vs_cublas": rel}]
+        print(json.dumps(doc["step"]), flush=True)
+    out = Path(args.out) / f"skinny_mm_{card}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print("| rows | N | K | MB | cuBLAS us | TB/s | skinny us | TB/s | x |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in doc["products"]:
+        print(f"| {r['rows']} | {r['N']} | {r['K']} | {r['weight_MB']} | {r['cublas_us']} | "
+              f"{r['cublas_TBps']} | {r['skinny_us']} | {r['skinny_TBps']} | {r['speedup']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
