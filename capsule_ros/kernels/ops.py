@@ -55,9 +55,13 @@ def gdn_recurrent_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a
 
 def gdn_recurrent_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
                        b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
-                       state: torch.Tensor) -> torch.Tensor:
+                       state: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
     """fla-core 0.6.0's fused recurrent kernel, launched with the state as initial and final state
-    (each program reads and writes only its own tile), gating and beta sigmoid in the kernel."""
+    (each program reads and writes only its own tile), gating and beta sigmoid in the kernel.
+
+    ``seq`` = [0, n] on the device, given as the kernel's one variable-length sequence: its
+    token loop stops at row n, so a chunk's padding rows cost no steps. Their outputs are left
+    unwritten (the caller masks them)."""
     import triton
     from fla.ops.gated_delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule_fwd_kernel
     _, T, H, K = k.shape
@@ -67,7 +71,7 @@ def gdn_recurrent_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: tor
     o = torch.empty_like(v)
     fused_recurrent_gated_delta_rule_fwd_kernel[(triton.cdiv(V, BV) * HV,)](
         q=q, k=k, v=v, g=a, gk=None, gv=None, beta=b, A_log=A_log, dt_bias=dt_bias, o=o,
-        h0=state, ht=state, cu_seqlens=None, scale=K ** -0.5, T=T, H=H, HV=HV, K=K, V=V,
+        h0=state, ht=state, cu_seqlens=seq, scale=K ** -0.5, T=T, H=H, HV=HV, K=K, V=V,
         BK=BK, BV=BV, IS_BETA_HEADWISE=True, USE_QK_L2NORM_IN_KERNEL=True,
         APPLY_BETA_SIGMOID=True, ALLOW_NEG_EIGVAL=False, STATE_V_FIRST=False,
         num_warps=1, num_stages=3)
@@ -122,14 +126,17 @@ def ssm_cuda(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
 @torch.library.custom_op("capsule_ros::gdn_recurrent", mutates_args=("state",))
 def gdn_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
                   b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
-                  state: torch.Tensor, use_kernel: bool) -> torch.Tensor:
-    """The gated-delta rule: fla's kernel when ``use_kernel`` (CUDA), else the reference."""
-    fn = gdn_recurrent_cuda if use_kernel else gdn_recurrent_reference
-    return fn(q, k, v, a, b, A_log, dt_bias, state)
+                  state: torch.Tensor, seq: torch.Tensor, use_kernel: bool) -> torch.Tensor:
+    """The gated-delta rule over rows [0, n) (``seq`` = [0, n]): fla's kernel when ``use_kernel``
+    (CUDA), else the reference, which walks every row (padding rows are no-op updates there).
+    Outputs of rows past n are unspecified."""
+    if use_kernel:
+        return gdn_recurrent_cuda(q, k, v, a, b, A_log, dt_bias, state, seq)
+    return gdn_recurrent_reference(q, k, v, a, b, A_log, dt_bias, state)
 
 
 @gdn_recurrent.register_fake
-def _gdn_recurrent_shape(q, k, v, a, b, A_log, dt_bias, state, use_kernel):
+def _gdn_recurrent_shape(q, k, v, a, b, A_log, dt_bias, state, seq, use_kernel):
     return v.new_empty(v.shape)
 
 

@@ -224,6 +224,7 @@ class LeanModel:
         valid = rows < n                                   # [T]
         h = torch.where(valid[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
         positions = pos + rows
+        seq = torch.stack([torch.zeros_like(n), n])      # [0, n]: the rows a state kernel walks
         cos = self.cos.index_select(0, torch.clamp(positions, max=self.max_len - 1))
         sin = self.sin.index_select(0, torch.clamp(positions, max=self.max_len - 1))
         if isinstance(attend, ops.FlexAttention):
@@ -235,7 +236,7 @@ class LeanModel:
             if layer.kind == "attn":
                 mix = self._attn(layer, hn, pos, positions, attend, cos, sin)
             elif layer.kind == "gdn":
-                mix = self._gdn(layer, hn, valid, n)
+                mix = self._gdn(layer, hn, valid, n, seq)
             else:
                 mix = self._mamba(layer, hn, valid, n)
             h = h + mix
@@ -269,7 +270,8 @@ class LeanModel:
         conv[0].copy_(xs.index_select(1, idx))
         return F.silu(out).to(xbc.dtype).t()               # [T, C]
 
-    def _gdn(self, layer: _Layer, hn: torch.Tensor, valid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    def _gdn(self, layer: _Layer, hn: torch.Tensor, valid: torch.Tensor, n: torch.Tensor,
+             seq: torch.Tensor) -> torch.Tensor:
         m = layer.mod
         T = hn.shape[0]
         y = self._mm(hn, layer.w_in)
@@ -277,14 +279,18 @@ class LeanModel:
         qkv = self._conv(layer, qkv, n)
         q, k, v = torch.split(qkv, [m.key_dim, m.key_dim, m.value_dim], dim=-1)
         ninf = torch.full((), float("-inf"), dtype=a.dtype, device=a.device)
-        a = torch.where(valid[:, None], a, ninf)[None].contiguous()   # padding: decay 1
-        b = torch.where(valid[:, None], b, ninf)[None].contiguous()   # padding: beta 0
+        # padding rows: decay 1 and beta 0, no-op updates (the reference walks them)
+        a = torch.where(valid[:, None], a, ninf)[None].contiguous()
+        b = torch.where(valid[:, None], b, ninf)[None].contiguous()
         q = q.reshape(1, T, m.num_k_heads, m.head_k_dim).contiguous()
         k = k.reshape(1, T, m.num_k_heads, m.head_k_dim).contiguous()
         v = v.reshape(1, T, m.num_v_heads, m.head_v_dim).contiguous()
-        o = ops.gdn_recurrent(q, k, v, a, b, m.A_log, m.dt_bias, layer.state["rec"], self.cuda)
-        o = self.gdn_norm(o.reshape(T, m.num_v_heads, m.head_v_dim),
-                          z.reshape(T, m.num_v_heads, m.head_v_dim), m.norm.weight, m.norm.variance_epsilon)
+        o = ops.gdn_recurrent(q, k, v, a, b, m.A_log, m.dt_bias, layer.state["rec"], seq, self.cuda)
+        o = o.reshape(T, m.num_v_heads, m.head_v_dim)
+        if T > 1:  # fla's kernel stops at row n: padding rows hold whatever bits, NaN included
+            o = torch.where(valid[:, None, None], o, torch.zeros((), dtype=o.dtype, device=o.device))
+        o = self.gdn_norm(o, z.reshape(T, m.num_v_heads, m.head_v_dim), m.norm.weight,
+                          m.norm.variance_epsilon)
         return self._mm(o.to(hn.dtype).reshape(T, -1), layer.w_out)
 
     def _mamba(self, layer: _Layer, hn: torch.Tensor, valid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
