@@ -128,4 +128,9 @@ def persistent_compile_caches(ros_home: str | None = None) -> dict[str, str]:
     chosen = {}
     for var, sub in (("TRITON_CACHE_DIR", "triton"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
         chosen[var] = os.environ.setdefault(var, str(root / sub))
+    # Triton's autotuned kernels (mamba-ssm's chunked scan) keep their choice there too: a
+    # restarted node runs the configs it tuned before (the same summation order, so a capsule
+    # verified after a restart recomputes to the same bits) and does not tune again. Read when
+    # the kernels are defined, so before the model (and mamba-ssm) is imported.
+    chosen["TRITON_CACHE_AUTOTUNING"] = os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     return chosen
