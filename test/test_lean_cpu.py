@@ -10,7 +10,7 @@ from capsule_ros.models.lean import LeanModel
 from capsule_ros.models.registry import tiny_config
 from capsule_ros.runtime.graphs import plan_chunks
 
-FAMILIES = ["qwen3_5_text", "bamba"]
+FAMILIES = ["qwen3_5_text", "bamba", "nemotron_h"]
 
 
 def build(family: str) -> HybridModel:

@@ -1,4 +1,5 @@
-"""The lean forward: one chunk of a Qwen3.5-text or Bamba hybrid, written out over the live buffers.
+"""The lean forward: one chunk of a Qwen3.5-text, Bamba or Nemotron-H hybrid, written out over the
+live buffers.
 
 transformers' modules stay the reference (and the CPU path); this is the same function with the
 small stuff taken out: merged projections (the modules' weights become views of the merged
@@ -21,6 +22,7 @@ recurrent and conv state update.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -34,7 +36,11 @@ from ..kernels.skinny_mm import MAX_ROWS
 # longer chunks, and every CPU step, use PyTorch's. 0 turns them off (a benchmark's baseline).
 SKINNY_MAX_ROWS = MAX_ROWS
 
-LEAN_FAMILIES = ("qwen3_5_text", "bamba")
+LEAN_FAMILIES = ("qwen3_5_text", "bamba", "nemotron_h")
+# How each family's RMSNorm rounds (see _rms)
+NORM_STYLES = {"qwen3_5_text": "zero_centered", "bamba": "cast_then_weight",
+               "nemotron_h": "weight_in_float32"}
+FINAL_NORMS = {"qwen3_5_text": "norm", "bamba": "final_layernorm", "nemotron_h": "norm_f"}
 COMPILE_MODES = ("none", "glue", "step")
 
 
@@ -63,18 +69,27 @@ def _merge(*linears: torch.nn.Linear) -> torch.Tensor:
     return merged
 
 
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor:
-    """RMSNorm as the family writes it (Qwen3.5: (x * r) * (1 + w) in float32; Bamba: w * (x * r))."""
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float, style: str) -> torch.Tensor:
+    """RMSNorm as the family writes it: "zero_centered" (Qwen3.5: (x * r) * (1 + w) in float32),
+    "weight_in_float32" (Nemotron-H: w * (x * r) in float32), "cast_then_weight" (Bamba: w times
+    (x * r) cast to the model dtype)."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if zero_centered:
+    if style == "zero_centered":
         return (xf * (1.0 + w.float())).to(x.dtype)
+    if style == "weight_in_float32":
+        return (w.float() * xf).to(x.dtype)
     return w * xf.to(x.dtype)
 
 
 def _swiglu(gu: torch.Tensor) -> torch.Tensor:
     g, u = gu.chunk(2, dim=-1)
     return F.silu(g) * u
+
+
+def _relu2(x: torch.Tensor) -> torch.Tensor:
+    """Nemotron-H's MLP activation: relu(x) squared."""
+    return torch.square(F.relu(x))
 
 
 def _gdn_norm(o: torch.Tensor, z: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -104,15 +119,36 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.cat((xr * cos + _rotate_half(xr) * sin, xp), dim=-1)
 
 
+def _mamba_mixer(m: Any) -> Any:
+    """A transformers Mamba2 mixer (Bamba's, Nemotron-H's) checked for what the lean layer does,
+    with A precomputed as the kernel wants it."""
+    if m.in_proj.bias is not None or m.out_proj.bias is not None:
+        raise ValueError("lean Mamba2 layer: projection biases are not supported")
+    if getattr(m, "activation", "silu") != "silu":
+        raise ValueError(f"lean Mamba2 layer: conv activation {m.activation!r}, not silu")
+    m._lean_A = -torch.exp(m.A_log.float())
+    lo, hi = (float(t) for t in m.time_step_limit)
+    # A step-size clamp (Nemotron-H: softplus(dt + dt_bias) >= 0.001) is applied to the argument
+    # of softplus instead (it is monotonic), in float32 and once for every path: mamba-ssm's
+    # one-token update has no clamp, and a clamp after softplus would turn a padding row's
+    # softplus(-inf) = 0 into a real step. None: no clamp (Bamba: 0 <= dt < inf).
+    m._lean_dt_range = None
+    if lo > 0 or hi < math.inf:
+        m._lean_dt_range = (math.log(math.expm1(lo)) if lo > 0 else None,
+                            math.log(math.expm1(hi)) if hi < math.inf else None)
+        m._lean_no_bias = torch.zeros_like(m.dt_bias, dtype=torch.float32)
+    return m
+
+
 @dataclass
 class _Layer:
-    kind: str                 # "gdn" | "mamba" | "attn"
+    kind: str                 # "gdn" | "mamba" | "attn" | "mlp" (a feed-forward-only block)
     norm1: torch.Tensor
-    norm2: torch.Tensor
-    w_in: torch.Tensor        # merged input projection
-    w_out: torch.Tensor
-    w_gate_up: torch.Tensor
-    w_down: torch.Tensor
+    norm2: torch.Tensor | None  # None: the block has no feed-forward after its mixer (Nemotron-H)
+    w_in: torch.Tensor        # merged input projection (an "mlp" block: up)
+    w_out: torch.Tensor       # (an "mlp" block: down)
+    w_gate_up: torch.Tensor | None
+    w_down: torch.Tensor | None
     mod: Any                  # the transformers mixer module (small parameters)
     state: dict[str, torch.Tensor]
 
@@ -136,15 +172,17 @@ class LeanModel:
         self.cuda = self.device.type == "cuda" if use_cuda_kernels is None else use_cuda_kernels
         self.attention = "flex" if self.cuda else "reference"
         self.skinny_rows = SKINNY_MAX_ROWS if self.cuda else 0
-        self.zero_centered = self.kind == "qwen3_5_text"
-        self.eps = cfg.rms_norm_eps
+        self.norm_style = NORM_STYLES[self.kind]
+        self.eps = cfg.layer_norm_epsilon if self.kind == "nemotron_h" else cfg.rms_norm_eps
         base = model.model
-        self.final_norm = (base.norm if self.kind == "qwen3_5_text" else base.final_layernorm).weight
-        with torch.no_grad():
-            pos = torch.arange(self.max_len, device=self.device)[None]
-            probe = torch.zeros(1, 1, cfg.hidden_size, dtype=self.dtype, device=self.device)
-            cos, sin = base.rotary_emb(probe, pos)  # transformers' own tables, every position
-        self.cos, self.sin = cos.reshape(self.max_len, -1), sin.reshape(self.max_len, -1)
+        self.final_norm = getattr(base, FINAL_NORMS[self.kind]).weight
+        self.cos = self.sin = None  # Nemotron-H's attention has no positional encoding
+        if hasattr(base, "rotary_emb"):
+            with torch.no_grad():
+                pos = torch.arange(self.max_len, device=self.device)[None]
+                probe = torch.zeros(1, 1, cfg.hidden_size, dtype=self.dtype, device=self.device)
+                cos, sin = base.rotary_emb(probe, pos)  # transformers' own tables, every position
+            self.cos, self.sin = cos.reshape(self.max_len, -1), sin.reshape(self.max_len, -1)
         types = cfg.layer_types if self.kind == "qwen3_5_text" else cfg.layers_block_type
         # "glue": the elementwise chains (norms, SwiGLU, gated norms) each one compiled kernel per
         # shape; "step": everything but the state kernels in one compiled graph per chunk size.
@@ -163,6 +201,8 @@ class LeanModel:
                 self.layers.append(self._bind_layer(i, layer, t, hm))
 
     def _bind_layer(self, i: int, layer: Any, t: str, hm: Any) -> _Layer:
+        if self.kind == "nemotron_h":
+            return self._bind_block(i, layer, t, hm)
         mlp = layer.mlp if self.kind == "qwen3_5_text" else layer.feed_forward
         norm2 = layer.post_attention_layernorm if self.kind == "qwen3_5_text" else layer.pre_ff_layernorm
         gate_up = _merge(mlp.gate_proj, mlp.up_proj)
@@ -179,12 +219,24 @@ class LeanModel:
             w_in = _merge(m.in_proj_qkv, m.in_proj_z, m.in_proj_b, m.in_proj_a)
             return _Layer("gdn", layer.input_layernorm.weight, norm2.weight, w_in,
                           m.out_proj.weight, gate_up, mlp.down_proj.weight, m, state)
-        m = layer.mamba
-        if m.in_proj.bias is not None or m.out_proj.bias is not None:
-            raise ValueError("lean Mamba2 layer: projection biases are not supported")
-        m._lean_A = -torch.exp(m.A_log.float())  # precomputed at load, as the kernel wants it
+        m = _mamba_mixer(layer.mamba)
         return _Layer("mamba", layer.input_layernorm.weight, norm2.weight, m.in_proj.weight,
                       m.out_proj.weight, gate_up, mlp.down_proj.weight, m, state)
+
+    def _bind_block(self, i: int, block: Any, t: str, hm: Any) -> _Layer:
+        """A Nemotron-H block: norm, one mixer (Mamba2, attention or a feed-forward), residual."""
+        m, norm = block.mixer, block.norm.weight
+        if t == "full_attention":
+            state = {"k": hm.live.view(f"L{i}.k"), "v": hm.live.view(f"L{i}.v")}
+            return _Layer("attn", norm, None, _merge(m.q_proj, m.k_proj, m.v_proj), m.o_proj.weight,
+                          None, None, m, state)
+        if t == "linear_attention":
+            state = {"conv": hm.live.view(f"L{i}.conv0"), "rec": hm.live.view(f"L{i}.rec0")}
+            _mamba_mixer(m)
+            return _Layer("mamba", norm, None, m.in_proj.weight, m.out_proj.weight, None, None, m, state)
+        if t == "mlp" and m.up_proj.bias is None and m.down_proj.bias is None:
+            return _Layer("mlp", norm, None, m.up_proj.weight, m.down_proj.weight, None, None, m, {})
+        raise ValueError(f"lean nemotron_h: no lean {t!r} block (biased MLP or MoE)")
 
     # -- the step ------------------------------------------------------------------------------
     def attention_for(self, T: int, pos: torch.Tensor) -> Callable:
@@ -206,7 +258,8 @@ class LeanModel:
              ) -> torch.Tensor:
         """Append rows [0, n) of ``x`` [T, hidden] at ``pos``; returns hidden states [T, hidden]
         after the final norm (rows past n are padding). ``only`` ("gdn", "mamba" or "attn") runs
-        just the layers of that kind: what bench/ttft.py times for its per-layer roofline."""
+        just the layers of that kind ("mlp" too: Nemotron-H's feed-forward-only blocks): what
+        bench/ttft.py times for its per-layer roofline."""
         T = x.shape[0]
         attend = self.attention_for(T, pos)  # built outside any compiled code
         if self.compile != "step":
@@ -225,24 +278,29 @@ class LeanModel:
         h = torch.where(valid[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
         positions = pos + rows
         seq = torch.stack([torch.zeros_like(n), n])      # [0, n]: the rows a state kernel walks
-        cos = self.cos.index_select(0, torch.clamp(positions, max=self.max_len - 1))
-        sin = self.sin.index_select(0, torch.clamp(positions, max=self.max_len - 1))
+        cos = sin = None
+        if self.cos is not None:
+            cos = self.cos.index_select(0, torch.clamp(positions, max=self.max_len - 1))
+            sin = self.sin.index_select(0, torch.clamp(positions, max=self.max_len - 1))
         if isinstance(attend, ops.FlexAttention):
             attend.set_length(pos + n)
         for layer in self.layers:
             if only is not None and layer.kind != only:
                 continue
-            hn = self.rms(h, layer.norm1, self.eps, self.zero_centered)
+            hn = self.rms(h, layer.norm1, self.eps, self.norm_style)
             if layer.kind == "attn":
                 mix = self._attn(layer, hn, pos, positions, attend, cos, sin)
             elif layer.kind == "gdn":
                 mix = self._gdn(layer, hn, valid, n, seq)
-            else:
+            elif layer.kind == "mamba":
                 mix = self._mamba(layer, hn, valid, n)
+            else:
+                mix = self._mm(_relu2(self._mm(hn, layer.w_in)), layer.w_out)
             h = h + mix
-            hn = self.rms(h, layer.norm2, self.eps, self.zero_centered)
-            h = h + self._mm(self.swiglu(self._mm(hn, layer.w_gate_up)), layer.w_down)
-        return self.rms(h, self.final_norm, self.eps, self.zero_centered)
+            if layer.norm2 is not None:
+                hn = self.rms(h, layer.norm2, self.eps, self.norm_style)
+                h = h + self._mm(self.swiglu(self._mm(hn, layer.w_gate_up)), layer.w_down)
+        return self.rms(h, self.final_norm, self.eps, self.norm_style)
 
     def _mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``x @ w.T``: the skinny kernels for a few rows on CUDA, PyTorch's otherwise."""
@@ -301,14 +359,17 @@ class LeanModel:
         xbc = self._conv(layer, xbc, n)
         gs = m.n_groups * m.ssm_state_size
         x, B, C = torch.split(xbc, [m.intermediate_size, gs, gs], dim=-1)
+        dt_bias = m.dt_bias
+        if m._lean_dt_range is not None:  # the clamp on softplus's argument (see _mamba_mixer)
+            dt = torch.clamp(dt.float() + dt_bias.float(), *m._lean_dt_range)
+            dt_bias = m._lean_no_bias
         ninf = torch.full((), float("-inf"), dtype=dt.dtype, device=dt.device)
         dt = torch.where(valid[:, None], dt, ninf).contiguous()      # padding: softplus -> 0
         x = x.reshape(T, m.num_heads, m.head_dim)
         B = B.reshape(T, m.n_groups, m.ssm_state_size)
         C = C.reshape(T, m.n_groups, m.ssm_state_size)
-        lo, hi = (float(t) for t in m.time_step_limit)
         s = ops.ssm_update(x, dt, m._lean_A, B, C, m.D,
-                           m.dt_bias, lo, hi, layer.state["rec"], m.chunk_size, self.cuda)
+                           dt_bias, 0.0, math.inf, layer.state["rec"], m.chunk_size, self.cuda)
         s = self.mamba_norm(s.reshape(T, -1), gate, m.norm.weight, m.norm.group_size,
                             m.norm.variance_epsilon)
         return self._mm(s.to(hn.dtype), layer.w_out)
@@ -327,13 +388,14 @@ class LeanModel:
         if self.kind == "qwen3_5_text":
             q, gate = torch.chunk(qg.view(T, hq, 2 * D), 2, dim=-1)
             gate = gate.reshape(T, -1)
-            q = self.rms(q, a.q_norm.weight, a.q_norm.eps, True)
-            k = self.rms(k.view(T, hkv, D), a.k_norm.weight, a.k_norm.eps, True)
+            q = self.rms(q, a.q_norm.weight, a.q_norm.eps, "zero_centered")
+            k = self.rms(k.view(T, hkv, D), a.k_norm.weight, a.k_norm.eps, "zero_centered")
         else:
             q, k = qg.view(T, hq, D), k.view(T, hkv, D)
         v = v.view(T, hkv, D)
-        q = _rope(q.transpose(0, 1)[None], cos, sin)        # [1, hq, T, D]
-        k = _rope(k.transpose(0, 1)[None], cos, sin)        # [1, hkv, T, D]
+        q, k = q.transpose(0, 1)[None], k.transpose(0, 1)[None]  # [1, heads, T, D]
+        if cos is not None:
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         kc, vc = layer.state["k"], layer.state["v"]         # [1, hkv, L, D]
         # Rows land at pos..pos+T-1; the runner never plans a chunk past the buffer's end.
         ops.write_rows(kc, k.to(kc.dtype), positions)      # in place, whatever compiles it

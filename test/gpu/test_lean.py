@@ -11,7 +11,7 @@ from capsule_ros.runtime.engine import Engine
 
 pytestmark = pytest.mark.gpu
 CONFIGS = Path(__file__).resolve().parents[2] / "config" / "models"
-FAMILIES = ["default_qwen3_5.json", "tiny_bamba.json"]
+FAMILIES = ["default_qwen3_5.json", "tiny_bamba.json", "tiny_nemotron_h.json"]
 COMPILE = ["none", "step"]   # the uncompiled lean step, and the node's default (compiled whole)
 
 
