@@ -7,8 +7,8 @@ Per (rows, N, K): both kernels captured in CUDA graphs that each run the product
 distinct weight copies in turn (more bytes than the L2 holds, so every weight comes from HBM),
 replayed ``--repeats`` times; us per product and the weight bytes per second. ``--step`` also
 builds the model's lean step (compiled whole, bf16) twice, without and with the skinny kernels
-(models/lean.SKINNY_MAX_ROWS), and times one captured decode step each (the LM head included)
-with its relative logit difference. Writes ``bench/results/skinny_mm_<card>.json``.
+(models/lean.SKINNY_MAX_ROWS 0, then 64), and times one captured decode step each (the LM head
+included) with its relative logit difference. Writes ``bench/results/skinny_mm_<card>.json``.
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def decode_step(entry: dict, skinny: bool, repeats: int) -> dict:
     from capsule_ros.kernels.skinny_mm import MAX_ROWS
     from capsule_ros.models import lean
     from capsule_ros.models.hybrid import HybridModel, ModelSpec
-    lean.SKINNY_MAX_ROWS = MAX_ROWS if skinny else 0
+    default, lean.SKINNY_MAX_ROWS = lean.SKINNY_MAX_ROWS, MAX_ROWS if skinny else 0
     cfg = CONFIG_MAPPING[entry["model_type"]](**entry["config"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -97,7 +97,7 @@ def decode_step(entry: dict, skinny: bool, repeats: int) -> dict:
         ms, p99 = timed(cap.graph.replay, repeats)
         cap.graph.replay()
         logits = cap.logits.float().clone()
-    lean.SKINNY_MAX_ROWS = MAX_ROWS
+    lean.SKINNY_MAX_ROWS = default
     return {"skinny": skinny, "decode_step_ms": round(ms, 4), "p99_ms": round(p99, 4),
             "compile_s": round(compile_s, 1), "logits": logits}
 

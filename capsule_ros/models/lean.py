@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import ops
-from ..kernels.skinny_mm import MAX_ROWS
 
 # Matmuls of up to this many rows use the skinny Triton kernels on CUDA (kernels/skinny_mm.py);
-# longer chunks, and every CPU step, use PyTorch's. 0 turns them off (a benchmark's baseline).
-SKINNY_MAX_ROWS = MAX_ROWS
+# longer chunks, and every CPU step, use PyTorch's. 0 (now): cuBLAS everywhere, until
+# bench/skinny_mm.py has measured the kernels against it on a GPU (then: up to 64 rows, or 1).
+SKINNY_MAX_ROWS = 0
 
 LEAN_FAMILIES = ("qwen3_5_text", "bamba", "nemotron_h")
 # How each family's RMSNorm rounds (see _rms)
