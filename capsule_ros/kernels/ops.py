@@ -81,12 +81,14 @@ def gdn_recurrent_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: tor
 # -- Mamba2 ----------------------------------------------------------------------------------
 def ssm_reference(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                   C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor,
-                  dt_limit: tuple[float, float], state: torch.Tensor) -> torch.Tensor:
-    """x [T, H, P], dt [T, H] raw, A [H] (negative), B/C [T, G, N], D [H]; state [1, H, P, N]."""
+                  state: torch.Tensor) -> torch.Tensor:
+    """x [T, H, P], dt [T, H] raw, A [H] (negative), B/C [T, G, N], D [H]; state [1, H, P, N].
+    Step size softplus(dt + dt_bias), unclamped: a family's clamp is applied by the caller to
+    softplus's argument (models/lean._mamba_mixer), as mamba-ssm's one-token kernel has none."""
     T, Hh, P = x.shape
     G = B.shape[1]
     rep = Hh // G
-    d = F.softplus(dt.float() + dt_bias.float()).clamp(dt_limit[0], dt_limit[1])
+    d = F.softplus(dt.float() + dt_bias.float())
     Bf = B.float().repeat_interleave(rep, dim=1)
     Cf = C.float().repeat_interleave(rep, dim=1)
     h = state[0].float()
@@ -101,7 +103,7 @@ def ssm_reference(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.T
 
 def ssm_cuda(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
              C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor,
-             dt_limit: tuple[float, float], state: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
+             state: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
     """mamba-ssm Triton: ``selective_state_update`` in place for one token, the chunked scan with
     the state as initial state (then copied back) for several."""
     T, Hh, P = x.shape
@@ -116,8 +118,7 @@ def ssm_cuda(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     y, final = mamba_chunk_scan_combined(
         x[None], dt[None], A, B[None], C[None], chunk_size=chunk_size, D=D, z=None,
-        dt_bias=dt_bias, initial_states=state, dt_softplus=True, dt_limit=dt_limit,
-        return_final_states=True)
+        dt_bias=dt_bias, initial_states=state, dt_softplus=True, return_final_states=True)
     state.copy_(final)
     return y[0]
 
@@ -142,18 +143,18 @@ def _gdn_recurrent_shape(q, k, v, a, b, A_log, dt_bias, state, seq, use_kernel):
 
 @torch.library.custom_op("capsule_ros::ssm_update", mutates_args=("state",))
 def ssm_update(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-               C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, dt_min: float,
-               dt_max: float, state: torch.Tensor, chunk_size: int, use_kernel: bool) -> torch.Tensor:
+               C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, state: torch.Tensor,
+               chunk_size: int, use_kernel: bool) -> torch.Tensor:
     """The Mamba2 state update: mamba-ssm's Triton kernels when ``use_kernel``, else the reference."""
     if use_kernel:
-        y = ssm_cuda(x, dt, A, B, C, D, dt_bias, (dt_min, dt_max), state, chunk_size=chunk_size)
+        y = ssm_cuda(x, dt, A, B, C, D, dt_bias, state, chunk_size=chunk_size)
     else:
-        y = ssm_reference(x, dt, A, B, C, D, dt_bias, (dt_min, dt_max), state)
+        y = ssm_reference(x, dt, A, B, C, D, dt_bias, state)
     return y.reshape(x.shape)  # both kernels write a new output tensor
 
 
 @ssm_update.register_fake
-def _ssm_update_shape(x, dt, A, B, C, D, dt_bias, dt_min, dt_max, state, chunk_size, use_kernel):
+def _ssm_update_shape(x, dt, A, B, C, D, dt_bias, state, chunk_size, use_kernel):
     return x.new_empty(x.shape)  # the kernels return a contiguous output
 
 

@@ -368,8 +368,8 @@ class LeanModel:
         x = x.reshape(T, m.num_heads, m.head_dim)
         B = B.reshape(T, m.n_groups, m.ssm_state_size)
         C = C.reshape(T, m.n_groups, m.ssm_state_size)
-        s = ops.ssm_update(x, dt, m._lean_A, B, C, m.D,
-                           dt_bias, 0.0, math.inf, layer.state["rec"], m.chunk_size, self.cuda)
+        s = ops.ssm_update(x, dt, m._lean_A, B, C, m.D, dt_bias, layer.state["rec"], m.chunk_size,
+                           self.cuda)
         s = self.mamba_norm(s.reshape(T, -1), gate, m.norm.weight, m.norm.group_size,
                             m.norm.variance_epsilon)
         return self._mm(s.to(hn.dtype), layer.w_out)
