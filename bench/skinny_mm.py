@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]  # run from a checkout
 
 from capsule_ros.kernels.skinny_mm import skinny_mm  # noqa: E402
-from ttft import commit_id, timed  # noqa: E402
+from ttft import build, commit_id, timed  # noqa: E402
 
 
 def shapes(entry: dict) -> set[tuple[int, int]]:
@@ -70,23 +69,10 @@ def product(rows: int, n: int, k: int, copies: int, repeats: int) -> dict:
 
 
 def decode_step(entry: dict, skinny: bool, repeats: int) -> dict:
-    from transformers import AutoModelForCausalLM, CONFIG_MAPPING
-    from capsule_ros.capsule.fingerprint import hash_text
     from capsule_ros.kernels.skinny_mm import MAX_ROWS
     from capsule_ros.models import lean
-    from capsule_ros.models.hybrid import HybridModel, ModelSpec
     default, lean.SKINNY_MAX_ROWS = lean.SKINNY_MAX_ROWS, MAX_ROWS if skinny else 0
-    cfg = CONFIG_MAPPING[entry["model_type"]](**entry["config"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    hm = HybridModel.bind(model.cuda().eval(), ModelSpec(dtype="bfloat16", device="cuda", max_len=4096),
-                          hash_text("skinny" if skinny else "cublas"))
-    t0 = time.perf_counter()
-    hm.enable_graphs(max_chunk=1, lean=True, chunks=(1,), compile="step")
-    compile_s = time.perf_counter() - t0
-    if hm.execution != "lean-cuda+step":
-        raise SystemExit(f"lean step unavailable: {hm.lean_error}")
+    _, hm, compile_s = build(entry, 4096, "lean-cuda+step", chunks=(1,))
     runner = hm.runner
     cap = runner.capture(1)
     with torch.no_grad(), runner.kept_state():

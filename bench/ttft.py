@@ -98,7 +98,10 @@ def commit_id() -> str:
         return "unknown"
 
 
-def build(entry: dict, max_len: int, execution: str) -> tuple[torch.nn.Module, HybridModel, float]:
+def build(entry: dict, max_len: int, execution: str, chunks: tuple[int, ...] = (1, 16, 64, 512)
+          ) -> tuple[torch.nn.Module, HybridModel, float]:
+    """The model of ``entry`` (seeded random weights, bf16, on the GPU) bound with the graph
+    runner ``execution`` names, one graph per chunk size; and the seconds that took (compile)."""
     from transformers import AutoModelForCausalLM, CONFIG_MAPPING
     cfg = CONFIG_MAPPING[entry["model_type"]](**entry["config"])
     with torch.random.fork_rng(devices=[]):
@@ -109,7 +112,8 @@ def build(entry: dict, max_len: int, execution: str) -> tuple[torch.nn.Module, H
                           hash_text(json.dumps(entry, sort_keys=True)))
     t0 = time.perf_counter()
     mode = compile_mode_of(execution)
-    hm.enable_graphs(max_chunk=512, lean=mode is not None, compile=mode or "none")
+    hm.enable_graphs(max_chunk=max(chunks), lean=mode is not None, chunks=chunks,
+                     compile=mode or "none")
     if hm.execution != execution:
         raise SystemExit(f"asked for {execution}, got {hm.execution}: {hm.lean_error}")
     return model, hm, time.perf_counter() - t0
