@@ -19,7 +19,8 @@ Per row (random weights, bf16, models from bench/models.json; ``execution`` as t
 * cold_ms: our cold path (the same runner from the empty state, the same chunk plan);
   cold_transformers_ms: plain transformers, one forward of prefix + suffix with a fresh cache
   (the fla / mamba-ssm kernels it picks up in use); same_first_token: the capsule path's token
-  equals that forward's;
+  equals that forward's; where not, first_token_gap_ours / _transformers say by how many logit
+  units each side prefers its own token (beside logits_std: a near-tie is bf16 rounding);
 * bytes_per_decode_step / bytes_per_append: weights read once (the LM head included, the input
   embedding table not), recurrent + conv state read and written, the valid K/V read and the new
   rows written; thor_floor_ms / thor_floor_decode_ms: those bytes at 273 GB/s (Jetson AGX Thor);
@@ -271,6 +272,7 @@ def measure(name: str, entry: dict, execution: str, prefixes: list[int], suffixe
         save("profiles", {"model": name, "execution": execution, "commit": commit, **p})
         if rows == 1:
             kernels, gpu_us = p["kernels"], p["gpu_us"]
+    engine.invalidate()  # the profiled steps appended to the live state behind the engine's back
     with torch.no_grad():
         for prefix in prefixes:
             ids = {s: torch.randint(1, vocab, (prefix + max(suffixes),), device="cuda", generator=gen)
@@ -287,10 +289,11 @@ def measure(name: str, entry: dict, execution: str, prefixes: list[int], suffixe
             for suffix in suffixes:
                 full = ids["A"][:prefix + suffix]
 
-                def cold_transformers() -> int:
+                def cold_transformers() -> torch.Tensor:
                     out = model(input_ids=full[None], use_cache=True, logits_to_keep=1)
-                    return int(out.logits[0, -1].argmax())
-                tf_token = cold_transformers()
+                    return out.logits[0, -1].float()
+                tf_logits = cold_transformers()
+                tf_token = int(tf_logits.argmax())
                 cold_tf_ms, _ = timed(cold_transformers, 3, warmup=1)
                 torch.cuda.empty_cache()  # transformers' 16k activations go before the next phase
 
@@ -308,7 +311,13 @@ def measure(name: str, entry: dict, execution: str, prefixes: list[int], suffixe
                     engine.abort()  # not committed: every query starts from the prefix capsule
                 ttft_ms, ttft_p99 = timed(capsule_query, repeats)
                 engine.restore("A")
-                first = hm.next_token(hm.forward(emb(full[prefix:]))[-1])
+                last = hm.forward(emb(full[prefix:]))[-1]
+                first = hm.next_token(last)
+                ours = hm.logits(last).float().reshape(-1)
+                # a different first token: by how much each side prefers its own (logit units;
+                # random weights give near-ties that bf16 rounding differences can flip)
+                gap_ours = float(ours[first] - ours[tf_token])
+                gap_tf = float(tf_logits[tf_token] - tf_logits[first])
                 tok = torch.tensor([first], device="cuda")
 
                 def decode() -> None:
@@ -334,6 +343,9 @@ def measure(name: str, entry: dict, execution: str, prefixes: list[int], suffixe
                     "speedup_vs_transformers": round(cold_tf_ms / ttft_ms, 1),
                     "speedup_vs_our_cold": round(cold_ms / ttft_ms, 1),
                     "same_first_token": first == tf_token,
+                    "first_token_gap_ours": round(gap_ours, 4),
+                    "first_token_gap_transformers": round(gap_tf, 4),
+                    "logits_std": round(float(tf_logits.std()), 3),
                     "bytes_per_decode_step": bd, "bytes_per_append": ba,
                     "thor_floor_ms": round(ba / THOR_BW * 1e3, 3),
                     "thor_floor_decode_ms": round(bd / THOR_BW * 1e3, 3),
