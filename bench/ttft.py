@@ -28,7 +28,8 @@ Per row (random weights, bf16, models from bench/models.json; ``execution`` as t
   summed GPU time (torch.profiler): decode_ms minus that is launch gaps and host work. The same
   profile per model for a decode step and a 16-row chunk (a 7-token suffix) goes to the
   ``profiles`` table: GPU time per kind of kernel (matmul, attention, state kernels, inductor's
-  fused kernels, copies) and every kernel by name, costliest first.
+  fused kernels, copies), every kernel by name, costliest first, and every matrix product by its
+  input shapes (calls, GPU time of what they launched).
 ``--roofline`` adds, per layer kind, the time of one decode step through only the layers of that
 kind (captured, replayed; divided by their number) beside the bytes each layer must move.
 ``--compile-only`` builds, compiles and warms up each model and measures nothing: it fills the
@@ -183,7 +184,9 @@ def profile_step(hm: HybridModel, rows: int) -> dict:
     hm.use_graphs = False
     try:
         hm.forward(x)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        # the CPU side too, with shapes: which product (op, shapes) launched which GPU time
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                     record_shapes=True) as prof:
             hm.forward(x)
             sync()
     finally:
@@ -201,7 +204,19 @@ def profile_step(hm: HybridModel, rows: int) -> dict:
                         sorted(kinds.items(), key=lambda kv: -kv[1][1])},
             # every kernel name (a few dozen), costliest first: a later classification can redo by_kind
             "top_kernels": [{"name": k[:120], "kernels": n, "us": round(us, 1)}
-                            for k, (n, us) in sorted(names.items(), key=lambda kv: -kv[1][1])]}
+                            for k, (n, us) in sorted(names.items(), key=lambda kv: -kv[1][1])],
+            "products": matmul_shapes(prof)}
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "capsule_ros::skinny_mm")
+
+
+def matmul_shapes(prof) -> list[dict]:
+    """Per matmul op and input shapes: calls and the GPU time of the kernels they launched."""
+    out = [{"op": a.key, "shapes": str(a.input_shapes)[:160], "calls": a.count,
+            "us": round(a.device_time_total, 1)}
+           for a in prof.key_averages(group_by_input_shape=True) if a.key in MATMUL_OPS]
+    return sorted(out, key=lambda r: -r["us"])
 
 
 @torch.no_grad()
@@ -394,6 +409,13 @@ def report(doc: dict, path: Path, commit: str | None) -> None:
             for k in p["top_kernels"][:8]:
                 print(f"| {p['model']} | {p['rows']} | {k['name'][:60]} | {kernel_kind(k['name'])} | "
                       f"{k['kernels']} | {k['us']} |")
+        with_products = [p for p in profiles if p.get("products")]
+        if with_products:
+            print("| model | rows | product | input shapes | calls | GPU us |")
+            print("|---|---:|---|---|---:|---:|")
+            for p in with_products:
+                for r in p["products"][:8]:
+                    print(f"| {p['model']} | {p['rows']} | {r['op']} | {r['shapes']} | {r['calls']} | {r['us']} |")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

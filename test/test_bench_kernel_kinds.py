@@ -29,3 +29,19 @@ from ttft import kernel_kind  # noqa: E402
 ])
 def test_h200_kernel_names_fall_in_their_kind(name: str, kind: str) -> None:
     assert kernel_kind(name) == kind
+
+
+def test_matmul_shapes_names_each_product_with_its_shapes_and_calls() -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from ttft import matmul_shapes
+    x, w, b = torch.randn(1, 64), torch.randn(256, 64), torch.randn(1, 256)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(3):
+            x @ w.t()
+        torch.addmm(b, x, w.t())
+        torch.relu(x)
+    rows = {(r["op"], r["shapes"]): r["calls"] for r in matmul_shapes(prof)}
+    assert rows == {("aten::mm", "[[1, 64], [64, 256]]"): 3,
+                    ("aten::addmm", "[[1, 256], [1, 64], [64, 256], [], []]"): 1}
