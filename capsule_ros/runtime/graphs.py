@@ -42,9 +42,41 @@ def decompose(n: int, max_chunk: int) -> list[int]:
     return out
 
 
+@contextlib.contextmanager
+def kept_state(model: Any) -> Iterator[None]:
+    """The model's live buffers and metadata as they were, whatever runs inside (probe inputs,
+    capture warm-ups and captures write into them)."""
+    regions, meta = {k: r.clone() for k, r in model.live.regions.items()}, model.read_meta()
+    try:
+        yield
+    finally:
+        for k, r in model.live.regions.items():
+            r.copy_(regions[k])
+        model.write_meta(meta)
+
+
+def record(fn: Callable[[], Any], device: torch.device, pool: Any,
+           setup: Callable[[], None] = lambda: None) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """``fn`` captured as a CUDA graph in ``pool``, and what it returned. Two runs on a side
+    stream first, so lazy initialisation, compilation, autotuning and workspace allocation stay
+    out of the graph; ``setup`` runs before each run and before the capture (what a variant
+    expects of the live metadata)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            setup()
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    setup()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 def _backends(names: list | None):
     """``sdpa_kernel`` over backends named like ``["EFFICIENT_ATTENTION", "MATH"]``."""
-    import contextlib
     if not names:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -113,24 +145,11 @@ class GraphRunner:
         key = (chunk, window, path)
         if key in self.graphs:
             return self.graphs[key]
-        m = self.model
-        saved = {k: r.clone() for k, r in m.live.regions.items()}
-        meta = m.read_meta()
-        self._input(chunk).normal_()  # no zeros: they can hide unwritten paths
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up: lazy init, autotuning, workspace allocation
-            for _ in range(2):
-                self._prepare(chunk, window, path)
-                self._step(chunk, window)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self._prepare(chunk, window, path)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            hidden, logits, token = self._step(chunk, window)
-        for k, r in m.live.regions.items():
-            r.copy_(saved[k])
-        m.write_meta(meta)
+        with kept_state(self.model):
+            self._input(chunk).normal_()  # no zeros: they can hide unwritten paths
+            graph, (hidden, logits, token) = record(
+                lambda: self._step(chunk, window), self.device, self.pool,
+                setup=lambda: self._prepare(chunk, window, path))
         captured = _Captured(graph, hidden, logits, token)
         self.graphs[key] = captured
         self.captures += 1
@@ -164,18 +183,13 @@ class GraphRunner:
         """Capture every reachable variant and replay each once, so that no capture (and no
         lazy kernel compilation or autotuning) happens on the query path. The live state and
         metadata are put back exactly. Returns the number of variants."""
-        m = self.model
-        saved = {k: r.clone() for k, r in m.live.regions.items()}
-        meta = m.read_meta()
         variants = self.variants(max_tokens)
-        for chunk, window, path in variants:
-            cap = self.capture(chunk, window, path)
-            self._prepare(chunk, window, path)
-            cap.graph.replay()
-        torch.cuda.synchronize(self.device)
-        for k, r in m.live.regions.items():
-            r.copy_(saved[k])
-        m.write_meta(meta)
+        with kept_state(self.model):
+            for chunk, window, path in variants:
+                cap = self.capture(chunk, window, path)
+                self._prepare(chunk, window, path)
+                cap.graph.replay()
+            torch.cuda.synchronize(self.device)
         return len(variants)
 
     # -- running ---------------------------------------------------------------------------
@@ -278,32 +292,13 @@ class LeanRunner:
         logits = self.model.logits(last)
         return hidden, logits, logits.argmax()
 
-    @contextlib.contextmanager
-    def kept_state(self) -> Iterator[None]:
-        """The live buffers and metadata as they were, whatever runs inside (probe inputs,
-        capture warm-ups and captures write into them)."""
-        m = self.model
-        regions, meta = {k: r.clone() for k, r in m.live.regions.items()}, m.read_meta()
-        try:
-            yield
-        finally:
-            for k, r in m.live.regions.items():
-                r.copy_(regions[k])
-            m.write_meta(meta)
+    def kept_state(self) -> contextlib.AbstractContextManager[None]:
+        """The live buffers and metadata kept across what runs inside (see ``kept_state``)."""
+        return kept_state(self.model)
 
     def record(self, fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
-        """``fn`` captured as a CUDA graph in this runner's pool, and what it returned; two runs
-        on a side stream first, so compilation, autotuning and allocation stay out of it."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = fn()
-        return graph, out
+        """``fn`` captured in this runner's pool (see ``record``)."""
+        return record(fn, self.device, self.pool)
 
     @torch.no_grad()
     def probe(self) -> None:
