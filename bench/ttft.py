@@ -176,6 +176,38 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
+def is_annotation(name: str) -> bool:
+    """A ``record_function`` range on the GPU timeline, not a kernel: inductor wraps each compiled
+    graph's call in ``## Call CompiledFxGraph <hash> ##``, which a profile that records the CPU
+    side reports among the CUDA events, spanning the whole (profiled, so slowed) step."""
+    return name.startswith("## ") and name.endswith(" ##")
+
+
+def summarize(per_name: dict[str, tuple[int, float]]) -> dict:
+    """Kernels, GPU us, and both per kind and per kernel name, from {kernel name: (launches, us)};
+    annotation ranges left out. Also re-summarizes a stored profile (``resummarize``)."""
+    names = {k: v for k, v in per_name.items() if not is_annotation(k)}
+    kinds: dict[str, list] = {}
+    for name, (n, us) in names.items():
+        entry = kinds.setdefault(kernel_kind(name), [0, 0.0])
+        entry[0] += n
+        entry[1] += us
+    return {"kernels": sum(n for n, _ in names.values()),
+            "gpu_us": round(sum(us for _, us in names.values()), 1),
+            "by_kind": {k: {"kernels": n, "us": round(us, 1)} for k, (n, us) in
+                        sorted(kinds.items(), key=lambda kv: -kv[1][1])},
+            # every kernel name (a few dozen), costliest first: a later classification can redo by_kind
+            "top_kernels": [{"name": k[:120], "kernels": n, "us": round(us, 1)}
+                            for k, (n, us) in sorted(names.items(), key=lambda kv: -kv[1][1])]}
+
+
+def resummarize(profile: dict) -> dict:
+    """A stored profile with its totals and kinds recomputed from its own per-name list (after a
+    change of ``kernel_kind`` or ``is_annotation``)."""
+    per_name = {t["name"]: (t["kernels"], t["us"]) for t in profile["top_kernels"]}
+    return {**profile, **summarize(per_name)}
+
+
 def profile_step(hm: HybridModel, rows: int) -> dict:
     """One uncaptured step of ``rows`` tokens (the runner's eager path: the same kernels, launched
     one by one): kernels launched, their summed GPU time, and both per kind and per kernel name."""
@@ -191,21 +223,12 @@ def profile_step(hm: HybridModel, rows: int) -> dict:
             sync()
     finally:
         hm.use_graphs = True
-    evs = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    kinds: dict[str, list] = {}
-    names: dict[str, list] = {}
-    for e in evs:
-        for table, key in ((kinds, kernel_kind(e.name)), (names, e.name)):
-            entry = table.setdefault(key, [0, 0.0])
-            entry[0] += 1
-            entry[1] += e.device_time
-    return {"rows": rows, "kernels": len(evs), "gpu_us": round(sum(e.device_time for e in evs), 1),
-            "by_kind": {k: {"kernels": n, "us": round(us, 1)} for k, (n, us) in
-                        sorted(kinds.items(), key=lambda kv: -kv[1][1])},
-            # every kernel name (a few dozen), costliest first: a later classification can redo by_kind
-            "top_kernels": [{"name": k[:120], "kernels": n, "us": round(us, 1)}
-                            for k, (n, us) in sorted(names.items(), key=lambda kv: -kv[1][1])],
-            "products": matmul_shapes(prof)}
+    per_name: dict[str, tuple[int, float]] = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA" and not getattr(e, "is_user_annotation", False):
+            n, us = per_name.get(e.name, (0, 0.0))
+            per_name[e.name] = (n + 1, us + e.device_time)
+    return {"rows": rows, **summarize(per_name), "products": matmul_shapes(prof)}
 
 
 # the ops that launch the products (aten::linear and aten::matmul call mm/addmm: not counted twice)

@@ -45,3 +45,35 @@ def test_matmul_shapes_names_each_product_with_its_shapes_and_calls() -> None:
     rows = {(r["op"], r["shapes"]): r["calls"] for r in matmul_shapes(prof)}
     assert rows == {("aten::mm", "[[1, 64], [64, 256]]"): 3,
                     ("aten::addmm", "[[1, 256], [1, 64], [64, 256], [], []]"): 1}
+
+
+# Per-name totals of an H200 profile of the qwen3_5_text decode step (e7282fe), trimmed: with the
+# CPU side recorded, inductor's range around its compiled graph came back among the CUDA events.
+H200_NAMES = {
+    "## Call CompiledFxGraph fcky5xp33njl4vy2ssw7amfafmukdyl2qktviztw4x3mnoyfspvl ##": (1, 31947.7),
+    "nvjet_sm90_tst_8x64_64x16_2x1_v_bz_TNN": (24, 282.2),
+    "fused_recurrent_gated_delta_rule_fwd_kernel": (18, 56.2),
+    "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<c10::BFloat16, ArgMaxOps>>": (1, 8.2),
+}
+
+
+def test_summarize_counts_kernels_not_the_compiled_graphs_annotation() -> None:
+    from ttft import summarize
+    s = summarize(H200_NAMES)
+    assert s["kernels"] == 43            # 24 + 18 + 1
+    assert s["gpu_us"] == 346.6          # 282.2 + 56.2 + 8.2
+    assert s["by_kind"] == {"matmul": {"kernels": 24, "us": 282.2},
+                            "gated delta rule": {"kernels": 18, "us": 56.2},
+                            "other": {"kernels": 1, "us": 8.2}}
+    assert [t["name"][:6] for t in s["top_kernels"]] == ["nvjet_", "fused_", "void a"]
+
+
+def test_a_stored_profile_is_resummarized_from_its_own_kernel_list() -> None:
+    from ttft import resummarize
+    stored = {"model": "qwen3_5_text", "rows": 1, "kernels": 44, "gpu_us": 32294.3,
+              "by_kind": {"other": {"kernels": 2, "us": 31955.9}}, "products": [],
+              "top_kernels": [{"name": k, "kernels": n, "us": us} for k, (n, us) in H200_NAMES.items()]}
+    fixed = resummarize(stored)
+    assert (fixed["kernels"], fixed["gpu_us"]) == (43, 346.6)
+    assert fixed["by_kind"]["other"] == {"kernels": 1, "us": 8.2}
+    assert fixed["model"] == "qwen3_5_text" and fixed["products"] == []
