@@ -77,3 +77,24 @@ def test_a_stored_profile_is_resummarized_from_its_own_kernel_list() -> None:
     assert (fixed["kernels"], fixed["gpu_us"]) == (43, 346.6)
     assert fixed["by_kind"]["other"] == {"kernels": 1, "us": 8.2}
     assert fixed["model"] == "qwen3_5_text" and fixed["products"] == []
+
+
+@pytest.mark.parametrize("policy, rows, n, k, skinny", [
+    ("small-one-row", 1, 1024, 2048, True),     # qwen's GDN out / attention o projection
+    ("small-one-row", 1, 1536, 1024, True),     # bamba's attention qkv
+    ("small-one-row", 1, 1024, 3072, False),    # bamba's down projection: 3M elements
+    ("small-one-row", 1, 7168, 1024, False),    # qwen's merged gate/up
+    ("small-one-row", 16, 1024, 2048, False),   # a 16-row chunk stays on cuBLAS
+    ("skinny", 64, 7168, 1024, True),
+    ("skinny", 65, 1024, 1024, False),
+    ("cublas", 1, 1024, 1024, False),
+])
+def test_skinny_bench_policies_pick_products_by_rows_and_weight_size(policy, rows, n, k, skinny) -> None:
+    from skinny_mm import uses_skinny
+    assert uses_skinny(policy, rows, n, k) is skinny
+
+
+def test_an_unknown_matmul_policy_is_refused() -> None:
+    from skinny_mm import uses_skinny
+    with pytest.raises(ValueError, match="unknown matmul policy"):
+        uses_skinny("fastest", 1, 1024, 1024)
