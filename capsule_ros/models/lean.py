@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from ..kernels import ops
 
 # Matmuls of up to this many rows use the skinny Triton kernels on CUDA (kernels/skinny_mm.py);
-# longer chunks, and every CPU step, use PyTorch's. 0 (now): cuBLAS everywhere, until
-# bench/skinny_mm.py has measured the kernels against it on a GPU (then: up to 64 rows, or 1).
+# longer chunks, and every CPU step, use PyTorch's. 0: cuBLAS everywhere. Measured on an H200
+# (bench/skinny_mm.py, bench/README.md): the skinny kernels lose to cuBLAS with 16 or 64 rows and
+# win with one row by a small weight (2048 -> 1024: 2.4x), a per-shape choice not made yet.
 SKINNY_MAX_ROWS = 0
 
 LEAN_FAMILIES = ("qwen3_5_text", "bamba", "nemotron_h")
