@@ -39,6 +39,9 @@ class FakeNode:
 
     ctx: object
     with_accounting: bool = True
+    #: this many images vanish before the node sees them (a best-effort sample sent before the
+    #: node's reader matched the replayer's writer): neither counted nor answered
+    lose_first: int = 0
     reliability_seen: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
 
@@ -65,6 +68,9 @@ class FakeNode:
         # what the graph says the replayer offers on this topic
         self.reliability_seen.setdefault(topic, {
             i.qos_profile.reliability for i in self.node.get_publishers_info_by_topic(topic)})
+        if self.lose_first > 0:
+            self.lose_first -= 1
+            return
         stream = STREAM_OF[topic]
         self._count(stream, 'received')
         if msg.header.frame_id == 'bad':
@@ -151,6 +157,38 @@ def test_an_older_node_without_accounting_is_reported_not_a_crash(graph, tmp_pat
                  wait_timeout=20, answer_timeout=20).run()
     assert r.ok and r.answer_count == 40
     assert r.accounting is None and 'no "accounting" key' in r.accounting_note
+
+
+def test_a_first_trigger_lost_before_the_node_heard_it_is_published_again(graph, tmp_path,
+                                                                           default_params):
+    """At the start of a replay a best-effort trigger can vanish while the DDS match forms; the
+    node's accounting (nothing received) tells the replayer to publish it again, once."""
+    executor, node, fake = graph
+    f = fake(lose_first=1)
+    bag = write_bag(tmp_path / 'bag', demo_items(),
+                    offers={t: [BEST_EFFORT] for t in (FRONT, WRIST, JOINTS)})
+    r = Replayer(node, executor, bag, mode='lockstep', params=default_params, node_name=NODE,
+                 wait_timeout=20, answer_timeout=20, resend_after=0.5).run()
+    assert f.lose_first == 0                      # the first image did vanish
+    assert r.resent == 1 and any('published again' in w for w in r.warnings)
+    assert r.ok and r.triggers == 40 and r.answer_count == 40
+    # one query per trigger on the node's side: the resent image was its first
+    assert r.accounting['front']['received'] + r.accounting['wrist']['received'] == 40
+
+
+def test_without_the_node_accounting_a_lost_first_trigger_is_not_guessed_at(graph, tmp_path,
+                                                                            default_params):
+    """No accounting, no way to tell a lost trigger from a slow answer: nothing is resent (a
+    duplicate would be a second query), and the replay says which trigger went unanswered."""
+    executor, node, fake = graph
+    f = fake(with_accounting=False, lose_first=1)
+    bag = write_bag(tmp_path / 'bag', demo_items(),
+                    offers={t: [BEST_EFFORT] for t in (FRONT, WRIST, JOINTS)})
+    with pytest.raises(ReplayError, match='no answer within 2.0 s to trigger #1') as e:
+        Replayer(node, executor, bag, mode='lockstep', params=default_params, node_name=NODE,
+                 wait_timeout=20, answer_timeout=2, resend_after=0.5).run()
+    assert e.value.result.resent == 0
+    assert f.lose_first == 0 and sum(f.seq.values()) == 0   # the one image it got was lost
 
 
 def test_only_configured_inputs_are_played_and_others_skipped_with_reasons(graph, tmp_path,

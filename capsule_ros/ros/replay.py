@@ -142,6 +142,11 @@ class ReplayOptions:
     #: lockstep: also spin this long after each non-trigger message -- a heuristic for nodes in
     #: another process that do not pair context with a trigger by stamp
     settle: float = 0.0
+    #: lockstep, before the node's first answer, with its accounting: a trigger still unsettled
+    #: after ``resend_after`` s that the node says it never received is published again, up to
+    #: ``startup_resends`` times (see ``Replayer._await_settled``)
+    resend_after: float = 1.0
+    startup_resends: int = 3
 
 
 @dataclass
@@ -168,6 +173,7 @@ class ReplayResult:
     answer_count: int = 0                           # answers only: never a Status
     status_count: int = 0
     unanswered: int = 0                             # triggers with no answer
+    resent: int = 0                                 # lockstep: triggers published again at start
     streams: dict[str, StreamReport] = field(default_factory=dict)
     #: the node's own accounting over the replay: {stream: {key: change}} (``pending``: at the
     #: end); None when not available -- ``accounting_note`` says why
@@ -269,6 +275,9 @@ class Replayer:
             raise ReplayError(f'qos must be one of {QOS_CHOICES}, got {o.qos!r}')
         if o.rate <= 0:
             raise ReplayError(f'rate must be > 0, got {o.rate}')
+        if o.resend_after <= 0 or o.startup_resends < 0:
+            raise ReplayError(f'resend_after must be > 0 and startup_resends >= 0, got '
+                              f'{o.resend_after} and {o.startup_resends}')
         self.node = node
         if executor is None:
             from rclpy.executors import SingleThreadedExecutor
@@ -810,9 +819,7 @@ class Replayer:
                 result.triggers += 1
             if o.mode == 'lockstep':
                 if trig is not None:
-                    expected = self._expected_generic
-                    ok = self._spin_until(lambda: self._settled(trig, expected),
-                                          time.monotonic() + o.answer_timeout)
+                    ok = self._await_settled(trig, m, result, baseline)
                     if not ok:
                         self._finish(result)
                         raise ReplayError(
@@ -856,6 +863,49 @@ class Replayer:
                 self.executor.spin_once(timeout_sec=min(remaining, 0.05))
         result.elapsed_s = time.monotonic() - wall0
         self._finish(result)
+
+    def _await_settled(self, trig: _Trigger, m: bag_io.BagMessage, result: ReplayResult,
+                       baseline: dict | None) -> bool:
+        """Lockstep: spin until ``trig`` is answered, up to ``answer_timeout``.
+
+        Before anything has come back from the node, a trigger can be lost on the way: DDS
+        matches the two ends of a new connection one side at a time, so our publisher can see
+        the node's subscription before the node's reader knows our writer, and a best-effort
+        reader drops what arrives from a writer it does not know yet. So, at the start only,
+        and only when the node's accounting says it received nothing since the replay began,
+        the trigger is published again (``resend_after``, at most ``startup_resends`` times).
+        Without the accounting we cannot tell a lost trigger from a slow answer, and resend
+        nothing: a duplicate would be a second query."""
+        o = self.options
+        expected = self._expected_generic
+        deadline = time.monotonic() + o.answer_timeout
+        resends = 0
+        while True:
+            startup = baseline is not None and resends < o.startup_resends and not self._heard_back()
+            wait_until = min(deadline, time.monotonic() + o.resend_after) if startup else deadline
+            if self._spin_until(lambda: self._settled(trig, expected), wait_until):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            acc = self._accounting_of(self._stats(timeout=min(5.0, o.answer_timeout)))
+            if acc is None:                   # no word from the node: nothing to go on
+                resends = o.startup_resends
+                continue
+            received = sum(row['received'] for row in self._accounting_delta(baseline, acc).values())
+            if received > 0:
+                resends = o.startup_resends   # it arrived: the answer is only slow
+                continue
+            self._pubs[m.topic].publish(m.rawdata)
+            resends += 1
+            result.resent += 1
+            self.warnings.append(f'trigger #{result.triggers} on {m.topic} was published again '
+                                 f'after {o.resend_after:.1f} s: the node had received nothing '
+                                 '(lost while the DDS match was still forming)')
+
+    def _heard_back(self) -> bool:
+        """Anything (an answer or a status) has come back from the node."""
+        with self._lock:
+            return bool(self._capsule_answers or self._statuses or self._generic)
 
     def _expect(self, t: _Trigger) -> None:
         with self._lock:
