@@ -49,8 +49,9 @@ def uses_skinny(policy: str, rows: int, n: int, k: int) -> bool:
 
 @contextlib.contextmanager
 def matmul_policy(policy: str):
-    """Models built inside take their products by ``policy``: the bench swaps ``LeanModel._mm``
-    for the time of one build (a candidate measured here, not a path the node can take)."""
+    """Models built inside take their products by ``policy``: the bench wraps ``LeanModel._mm``
+    for the time of one build (a candidate measured here, not a path the node can take); what the
+    policy leaves to cuBLAS goes through the node's own ``_mm``."""
     from capsule_ros.kernels import ops
     from capsule_ros.models import lean
     original = lean.LeanModel._mm
@@ -58,7 +59,7 @@ def matmul_policy(policy: str):
     def _mm(self, x, w):
         if self.cuda and uses_skinny(policy, x.shape[0], w.shape[0], w.shape[1]):
             return ops.skinny_mm(x, w)
-        return x @ w.t()
+        return original(self, x, w)
     lean.LeanModel._mm = _mm
     try:
         yield
